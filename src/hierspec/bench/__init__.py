@@ -1,0 +1,1 @@
+"""Benchmark harness support (offline prompt sets, timing helpers)."""

@@ -1,0 +1,7 @@
+"""Drafters: things that propose tokens together with their proposal distribution q."""
+
+from .base import Draft, Drafter
+from .model import ModelDrafter
+from .ngram import NgramDrafter
+
+__all__ = ["Draft", "Drafter", "ModelDrafter", "NgramDrafter"]

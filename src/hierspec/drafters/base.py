@@ -1,0 +1,57 @@
+"""The `Drafter` protocol: something that proposes tokens together with the distribution q they
+were drawn from.
+
+A drafter is stateless from the engine's point of view: `propose(context, k, ...)` receives the
+whole committed context [B, L] every step, and a drafter with a KV cache rolls its own cache back
+to the longest common prefix of what it had fed and the new context (the engine never has to
+tell it what was accepted; block verification may even emit a token equal to a rejected draft).
+
+Contract of the returned `Draft`: ``tokens`` [B, k] with 0 <= k <= num_tokens, and ``probs``
+[B, k, V] holding *exactly* the processed rows the tokens were sampled from, or None for a
+deterministic draft (q one-hot at the drafted token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..sampling import SamplingParams
+
+
+@dataclass
+class Draft:
+    """Proposed tokens [B, k] and their proposal rows [B, k, V] (None = deterministic)."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[-1])
+
+    @staticmethod
+    def empty(batch: int = 1, device: torch.device | str = "cpu") -> Draft:
+        return Draft(torch.zeros(batch, 0, dtype=torch.long, device=device), None)
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes up to `num_tokens` tokens after `context` (see module docstring)."""
+
+    #: vocabulary the draft's token ids and rows live in; None = any (e.g. prompt lookup)
+    vocab_size: int | None
+
+    def propose(
+        self,
+        context: torch.Tensor,
+        num_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Draft: ...
+
+    def reset(self) -> None:
+        """Forget all state (start of a new generation)."""
+        ...

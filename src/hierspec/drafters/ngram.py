@@ -1,0 +1,69 @@
+"""Prompt-lookup / n-gram drafter (deterministic, q one-hot), like HF's
+``prompt_lookup_num_tokens`` and vLLM's ``ngram`` method.
+
+For n from `max_ngram` down to `min_ngram`: if the last n tokens of the context occurred earlier,
+propose the tokens that followed their most recent earlier occurrence. An incremental index maps
+every n-gram to the latest position it ended at (among positions that have a continuation), so
+a lookup costs O(max_ngram) per step instead of a scan of the context; the index is extended with
+the newly committed tokens each step and rebuilt when the context is not an extension of the
+last one. Batch size 1 (rows of a batch would each need an index).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import SamplingParams
+from .base import Draft
+
+
+class NgramDrafter:
+    """Prompt lookup over the committed context; see module docstring."""
+
+    vocab_size = None
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not (1 <= min_ngram <= max_ngram):
+            raise ValueError(
+                f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}"
+            )
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.reset()
+
+    def reset(self) -> None:
+        self._tokens: list[int] = []
+        self._index: dict[tuple[int, ...], int] = {}
+
+    def _extend(self, ctx: list[int]) -> None:
+        n_old = len(self._tokens)
+        if ctx[:n_old] != self._tokens:
+            self.reset()
+            n_old = 0
+        self._tokens = ctx
+        # An n-gram ending at position e gets indexed once position e + 1 exists.
+        for e in range(max(n_old - 1, 0), len(ctx) - 1):
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if e - n + 1 < 0:
+                    break
+                self._index[tuple(ctx[e - n + 1 : e + 1])] = e
+
+    def propose(
+        self,
+        context: torch.Tensor,
+        num_tokens: int,
+        params: SamplingParams | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Draft:
+        del params, generator  # deterministic
+        if context.dim() != 2 or context.shape[0] != 1:
+            raise ValueError(f"context: expected shape [1, L], got {tuple(context.shape)}")
+        ctx = context[0].tolist()
+        self._extend(ctx)
+        if num_tokens > 0:
+            for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):
+                end = self._index.get(tuple(ctx[-n:]))
+                if end is not None:
+                    cont = ctx[end + 1 : end + 1 + num_tokens]
+                    return Draft(torch.tensor([cont], dtype=torch.long, device=context.device))
+        return Draft.empty(1, context.device)

@@ -1,0 +1,239 @@
+"""`HFModel`: a transformers causal LM behind the `LanguageModel` protocol.
+
+Wraps any ``AutoModelForCausalLM`` with plain softmax attention (Llama, Qwen2, Mistral, GPT-2,
+Gemma, GGUF-loaded Llama, ...) and owns one ``transformers.DynamicCache`` for one batch.
+
+Invariant (the one of ``hierspec.models.base``)::
+
+    cache_length == number of positions held by the DynamicCache, for every layer
+    forward(ids[B, T]) runs ids at positions cache_length .. cache_length+T-1 (explicit
+    position_ids) and appends them; crop(n) keeps positions 0..n-1 and the state then equals a
+    fresh prefill of those n tokens (up to float rounding of differently shaped matmuls)
+
+The cache is built *without* the model config, so every layer is a full ``DynamicLayer``: sliding-
+window layers (Mistral, Gemma) keep all positions too and the mask code applies the window over
+absolute positions. That costs memory O(sequence) on those layers but makes ``crop`` exact to any
+length. Models whose layers are not plain KV attention (linear attention / SSM hybrids, KV
+sharing) are not supported.
+
+transformers is imported lazily (inside functions), so ``import hierspec.models`` works without it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hierspec.models.base import ForwardOutput
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedModel
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _new_cache() -> DynamicCache:
+    """An empty config-less DynamicCache (all layers full attention, croppable anywhere)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _config_max_length(config: Any) -> int:
+    """Longest position the model was built for: max_position_embeddings, n_positions, ..."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(
+        "cannot find the model's maximum length in its config "
+        "(max_position_embeddings / n_positions); pass max_length= explicitly"
+    )
+
+
+class HFModel:
+    """A transformers causal LM with a position-addressed KV cache (see module docstring).
+
+    Args:
+        model: a loaded causal LM (``AutoModelForCausalLM``); put in eval mode, weights untouched.
+        max_length: cap on positions; defaults to ``config.max_position_embeddings`` (or
+            ``n_positions``) and may not exceed it.
+        check_ids: check every forward that ids lie in ``[0, vocab_size)`` (one host sync).
+
+    Returned logits are float32 (float64 for a float64 model; fp16/bf16 logits are upcast) and are
+    ordinary tensors, not inference tensors, so callers may modify them in place.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, *, max_length: int | None = None, check_ids: bool = True
+    ) -> None:
+        model.eval()
+        self.model = model
+        config = model.config.get_text_config(decoder=True)
+        self.config = config
+        out_emb = model.get_output_embeddings()
+        weight = getattr(out_emb, "weight", None)
+        # vocab_size is the logits width (rows of lm_head; equals config.vocab_size normally).
+        width = weight.shape[0] if weight is not None else config.vocab_size
+        self.vocab_size: int = int(width)
+        config_max = _config_max_length(config)
+        if max_length is None:
+            max_length = config_max
+        elif not 0 < max_length <= config_max:
+            raise ValueError(f"max_length must be in 1..{config_max}, got {max_length}")
+        self.max_length: int = int(max_length)
+        self.check_ids = check_ids
+        self._cache = _new_cache()
+        self._length = 0
+        self._batch: int | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_dir: str | os.PathLike[str],
+        *,
+        gguf_file: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        max_length: int | None = None,
+        **kw: Any,
+    ) -> HFModel:
+        """Load ``AutoModelForCausalLM.from_pretrained(path_or_dir, gguf_file=..., dtype=...)``.
+
+        ``kw`` goes to transformers' ``from_pretrained`` (e.g. ``attn_implementation``).
+        """
+        from transformers import AutoModelForCausalLM
+
+        if gguf_file is not None:
+            kw["gguf_file"] = gguf_file
+        model = AutoModelForCausalLM.from_pretrained(os.fspath(path_or_dir), dtype=dtype, **kw)
+        if device is not None:
+            model = model.to(device)
+        return cls(model, max_length=max_length)
+
+    # ------------------------------------------------------------------ protocol properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def cache_length(self) -> int:
+        """Number of positions currently held in the KV cache."""
+        return self._length
+
+    @property
+    def cache(self) -> DynamicCache:
+        """The underlying DynamicCache (read-only use; mutate only through forward/crop/reset)."""
+        return self._cache
+
+    # ------------------------------------------------------------------ protocol methods
+    def _check_input(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        batch, new = input_ids.shape
+        if batch == 0 or new == 0:
+            raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+        if self._length > 0 and batch != self._batch:
+            raise ValueError(
+                f"batch size {batch} differs from the cached batch {self._batch}; reset() first"
+            )
+        if self._length + new > self.max_length:
+            raise ValueError(
+                f"forward of {new} tokens at cache_length {self._length} exceeds "
+                f"max_length {self.max_length}"
+            )
+        if self.check_ids:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]"
+                )
+        return input_ids.to(device=self.device, dtype=torch.long)
+
+    def forward(self, input_ids: torch.Tensor, *, output_hidden: bool = False) -> ForwardOutput:
+        """Run ``input_ids`` [B, T] at positions cache_length.. and append them to the cache.
+
+        Returns logits [B, T, V] (float32, or float64 for float64 models) and, if
+        ``output_hidden``, the last hidden states [B, T, H] after the final norm (model dtype).
+        On an exception the cache is rolled back to its previous length.
+        """
+        ids = self._check_input(input_ids)
+        start, new = self._length, ids.shape[1]
+        positions = torch.arange(start, start + new, device=ids.device).unsqueeze(0)
+        positions = positions.expand(ids.shape[0], -1)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    position_ids=positions,
+                    past_key_values=self._cache,
+                    use_cache=True,
+                    output_hidden_states=output_hidden,
+                    return_dict=True,
+                )
+        except BaseException:
+            self._rollback_layers(start)
+            raise
+        self._length = start + new
+        self._batch = ids.shape[0]
+        logits = out.logits
+        # Outside inference mode: these ops make ordinary tensors the caller may edit in place.
+        logits = logits.float() if logits.dtype in _HALF_DTYPES else logits.clone()
+        hidden = out.hidden_states[-1].clone() if output_hidden else None
+        return ForwardOutput(logits=logits, hidden=hidden)
+
+    __call__ = forward
+
+    def _rollback_layers(self, length: int) -> None:
+        """Bring every cache layer back to ``length`` positions (after a failed forward)."""
+        with torch.inference_mode():
+            for layer in self._cache.layers:
+                extra = layer.get_seq_length() - length
+                if extra > 0:
+                    layer.crop(-extra)
+
+    def crop(self, length: int) -> None:
+        """Drop every cached position >= length (0 <= length <= cache_length)."""
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise ValueError(f"crop length must be an int, got {type(length).__name__}")
+        if length < 0:
+            raise ValueError(f"crop length must be >= 0, got {length}")
+        if length > self._length:
+            raise ValueError(f"cannot crop to {length}: cache holds only {self._length} positions")
+        if length == self._length:
+            return
+        if length == 0:
+            self.reset()
+            return
+        with torch.inference_mode():
+            # transformers >= 5: a negative argument drops that many trailing positions.
+            self._cache.crop(-(self._length - length))
+        self._length = length
+
+    def reset(self) -> None:
+        """Empty the cache (equivalent to ``crop(0)``)."""
+        self._cache = _new_cache()
+        self._length = 0
+        self._batch = None
+
+    def cost_per_forward(self, num_tokens: int) -> float | None:
+        """Not calibrated here: always None (the engine may time forwards itself)."""
+        return None
+
+    def __repr__(self) -> str:
+        name = type(self.model).__name__
+        return (
+            f"HFModel({name}, vocab_size={self.vocab_size}, dtype={self.dtype}, "
+            f"cache_length={self._length}/{self.max_length})"
+        )

@@ -1,0 +1,169 @@
+"""Logits -> processed probabilities, and the categorical sampling primitive.
+
+Exactness in hierspec is defined against the *processed* target distribution: the same
+`SamplingParams` are applied to draft and target rows, and the verifier receives the processed
+rows (the draft's being exactly the rows its tokens were drawn from).
+
+Processing order (as in HF transformers' warpers):
+    1. temperature  T: z -> z / T                       (T = 0 means greedy: one-hot at argmax)
+    2. top-k        keep the k largest logits           (0 = off)
+    3. top-p        keep the smallest head of the sorted distribution whose mass reaches p;
+                    ties at the cut are all kept         (1.0 = off)
+    4. min-p        keep tokens with prob >= min_p * max prob   (0.0 = off)
+    then renormalise. Masked tokens have probability exactly 0.
+
+Sampling uses inverse-CDF with one uniform per row (`categorical`): `cumsum` + `searchsorted`
+costs ~50 µs for a 49152-row on this CPU against ~750 µs for `torch.multinomial`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Top-p first looks for the cut inside the `_TOP_P_CANDIDATES` largest probabilities (one
+# `topk`); only rows whose head is too flat for that fall back to a full sort.
+_TOP_P_CANDIDATES = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings shared by draft and target. temperature 0 means greedy decoding."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def describe(self) -> str:
+        if self.greedy:
+            return "greedy"
+        parts = [f"T={self.temperature:g}"]
+        if self.top_k:
+            parts.append(f"top_k={self.top_k}")
+        if self.top_p < 1:
+            parts.append(f"top_p={self.top_p:g}")
+        if self.min_p > 0:
+            parts.append(f"min_p={self.min_p:g}")
+        return ",".join(parts)
+
+
+def check_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Row maxima of `logits`; raises if a row holds NaN or +inf or is all -inf.
+
+    `amax` propagates NaN, so one cheap reduction checks every entry."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(row_max).all()):
+        raise ValueError(
+            "logits contain NaN or +inf values (or a row is entirely -inf); the model produced "
+            "invalid scores"
+        )
+    return row_max
+
+
+def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean keep-mask of the nucleus: tokens with prob >= the prob of the last token needed to
+    reach mass `top_p` in descending order (so ties at the cut are kept)."""
+    v = probs.shape[-1]
+    m = min(v, _TOP_P_CANDIDATES)
+    head, _ = probs.topk(m, dim=-1)  # descending
+    csum = head.cumsum(-1)
+    reached = csum >= top_p
+    ok = reached.any(-1)
+    if not bool(ok.all()):
+        head, _ = probs.sort(dim=-1, descending=True)
+        csum = head.cumsum(-1)
+        reached = csum >= top_p
+        reached[..., -1] = True  # float round-off: the whole row always reaches p
+    cut_idx = reached.to(torch.int8).argmax(-1, keepdim=True)  # first index reaching top_p
+    cutoff = head.gather(-1, cut_idx)
+    return probs >= cutoff
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Processed probabilities [..., V] from logits [..., V].
+
+    Computed in float32 (float64 if the logits are float64). Greedy gives one-hot rows at the
+    first argmax. Raises ValueError on NaN/inf logits.
+    """
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(work_dtype)
+    row_max = check_logits(z)
+    if params.greedy:
+        out = torch.zeros_like(z)
+        out.scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+        return out
+    if params.temperature != 1.0:
+        z = z / params.temperature
+        row_max = row_max / params.temperature
+    if params.top_k and params.top_k < z.shape[-1]:
+        kth = z.topk(params.top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, -math.inf)
+    probs = torch.softmax(z, dim=-1)
+    masked = False
+    if params.top_p < 1.0:
+        probs = probs.masked_fill(~_top_p_mask(probs, params.top_p), 0.0)
+        masked = True
+    if params.min_p > 0.0:
+        pmax = probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < params.min_p * pmax, 0.0)
+        masked = True
+    if masked:
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def categorical(
+    weights: torch.Tensor, uniform: torch.Tensor, fallback: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Draw one index per row from non-negative, possibly unnormalised `weights` [B, V].
+
+    Inverse CDF with one uniform per row (`uniform` [B] in [0, 1)): the index i with
+    C[i-1] <= u * C[V-1] < C[i], C = cumsum(weights). The returned token always has positive
+    weight (C[i] > C[i-1]). Rows whose total is 0 (possible only through round-off, e.g. an
+    empty residual) are drawn from the matching `fallback` row instead, if given.
+    """
+    csum = weights.cumsum(-1)
+    total = csum[:, -1:]
+    if fallback is not None:
+        empty = total[:, 0] <= 0
+        if bool(empty.any()):
+            csum = torch.where(empty[:, None], fallback.cumsum(-1), csum)
+            total = csum[:, -1:]
+    target = uniform.to(csum.dtype)[:, None] * total
+    idx = torch.searchsorted(csum, target, right=True)
+    return idx.clamp_(max=weights.shape[-1] - 1).squeeze(-1)
+
+
+def make_generators(
+    seed: int | None, device: torch.device | str = "cpu"
+) -> tuple[torch.Generator, torch.Generator]:
+    """Two independent RNG streams (drafting, verification) from one seed.
+
+    Separate streams keep the draft's randomness independent of the verifier's, which the
+    losslessness proofs assume. `seed=None` draws a fresh seed from torch's default RNG.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    g_draft = torch.Generator(device=device)
+    g_draft.manual_seed(seed)
+    g_verify = torch.Generator(device=device)
+    g_verify.manual_seed((seed * 0x9E3779B97F4A7C15 + 1) % (2**63))
+    return g_draft, g_verify
