@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -53,7 +54,9 @@ def _hf_llama32() -> HFModel:
 def _hf_gpt2() -> HFModel:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(1)
-    config = transformers.GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=4)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
     return HFModel(transformers.GPT2LMHeadModel(config).to(torch.float64))
 
 
@@ -360,3 +363,4 @@ def test_smollm2_greedy_matches_generate(tmp_path, monkeypatch) -> None:
     model.reset()
     torch.testing.assert_close(out2, model.forward(ids).logits, atol=0, rtol=0)
     print(f"SmolLM2 load: GGUF {first:.1f} s, cached {second:.1f} s")
+    shutil.rmtree(cached, ignore_errors=True)  # 0.5 GB: do not leave it in pytest's tmp dirs

@@ -46,9 +46,7 @@ def lossy_hsd_verify(draft_tokens, draft_probs, target_probs, generator=None):
 
     def level_fn(rows, lv):
         wl = w[rows].gather(1, lv)
-        rho = (
-            wl[..., None] * target_probs[rows[:, None], lv] - draft_probs[rows[:, None], lv]
-        ).clamp(min=0)
+        rho = (wl[..., None] * target_probs[rows[:, None], lv] - draft_probs[rows[:, None], lv]).clamp(min=0)
         s = rho.sum(-1)
         h = torch.minimum(s / (s + 1 - wl).clamp(min=1e-300), wl)
         return h, rho
@@ -68,11 +66,7 @@ def token_wrong_residual_law(draft_tokens, draft_probs, target_probs):
 
 
 # ------------------------------------------------------------------- exact enumeration
-CASES = [
-    (v, k, seed)
-    for v, k in [(2, 1), (2, 4), (3, 2), (3, 3), (4, 3), (5, 2), (5, 4)]
-    for seed in (0, 1)
-]
+CASES = [(v, k, seed) for v, k in [(2, 1), (2, 4), (3, 2), (3, 3), (4, 3), (5, 2), (5, 4)] for seed in (0, 1)]
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)

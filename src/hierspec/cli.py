@@ -32,14 +32,25 @@ def _build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with speculative decoding")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    g.add_argument("--method", default="ngram", choices=METHODS,
-                   help="drafter: ar (none), draft (a draft model), ngram (prompt lookup); "
-                        "default ngram (no trained draft is shipped yet)")
-    g.add_argument("--draft", default=None,
-                   help="draft model for --method draft: a transformers model directory or a "
-                        ".gguf file sharing the target's tokenizer")
-    g.add_argument("--rule", default="block", choices=("token", "block", "hsd"),
-                   help="verification rule at temperature > 0 (greedy at temperature 0)")
+    g.add_argument(
+        "--method",
+        default="ngram",
+        choices=METHODS,
+        help="drafter: ar (none), draft (a draft model), ngram (prompt lookup); "
+        "default ngram (no trained draft is shipped yet)",
+    )
+    g.add_argument(
+        "--draft",
+        default=None,
+        help="draft model for --method draft: a transformers model directory or a "
+        ".gguf file sharing the target's tokenizer",
+    )
+    g.add_argument(
+        "--rule",
+        default="block",
+        choices=("token", "block", "hsd"),
+        help="verification rule at temperature > 0 (greedy at temperature 0)",
+    )
     g.add_argument("--gamma", type=int, default=5, help="draft tokens per step (>= 1)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -47,14 +58,16 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
-                   help="bfloat16 is ~2x faster on AVX512-BF16 CPUs but not bit-exact")
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=tuple(DTYPES),
+        help="bfloat16 is ~2x faster on AVX512-BF16 CPUs but not bit-exact",
+    )
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
-    g.add_argument("--compare", action="store_true",
-                   help="also run plain decoding and report the speed-up")
-    b = sub.add_parser("bench-verify", help="micro-benchmark of the verification rules")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    g.add_argument("--compare", action="store_true", help="also run plain decoding and report the speed-up")
+    sub.add_parser("bench-verify", help="micro-benchmark of the verification rules (--help for options)")
     return ap
 
 
@@ -74,13 +87,16 @@ def _make_drafter(args, target):
     if not os.path.exists(path):
         raise CliError(f"--draft: {path!r} does not exist")
     if path.endswith(".gguf"):
-        model = HFModel.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
-                                        dtype=DTYPES[args.dtype])
+        model = HFModel.from_pretrained(
+            os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype=DTYPES[args.dtype]
+        )
     else:
         model = HFModel.from_pretrained(path, dtype=DTYPES[args.dtype])
     if model.vocab_size != target.vocab_size:
-        raise CliError(f"--draft: its vocabulary has {model.vocab_size} tokens but the target's has "
-                       f"{target.vocab_size}; a draft must share the target's tokenizer")
+        raise CliError(
+            f"--draft: its vocabulary has {model.vocab_size} tokens but the target's has "
+            f"{target.vocab_size}; a draft must share the target's tokenizer"
+        )
     return ModelDrafter(model)
 
 
@@ -90,8 +106,9 @@ def _generate(args) -> int:
     from .sampling import SamplingParams
 
     try:
-        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                min_p=args.min_p)
+        params = SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p
+        )
     except ValueError as err:
         raise CliError(str(err)) from None
     if args.gamma < 1:
@@ -105,18 +122,26 @@ def _generate(args) -> int:
     target, tok = load_smollm2(DTYPES[args.dtype])
     load_s = time.perf_counter() - t0
     if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                      add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
     else:
         ids = tok(args.prompt)["input_ids"]
     if len(ids) >= target.max_length:
-        raise CliError(f"--prompt: {len(ids)} tokens exceed the model's context of "
-                       f"{target.max_length}")
+        raise CliError(f"--prompt: {len(ids)} tokens exceed the model's context of {target.max_length}")
     drafter = _make_drafter(args, target)
-    kw = dict(rule=args.rule, gamma=args.gamma, params=params, max_new_tokens=args.max_new_tokens,
-              eos_token_id=tok.eos_token_id, stop_strings=args.stop, tokenizer=tok, seed=args.seed)
+    kw = dict(
+        rule=args.rule,
+        gamma=args.gamma,
+        params=params,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        stop_strings=args.stop,
+        tokenizer=tok,
+        seed=args.seed,
+    )
 
     printed = [""]
     new_ids: list[int] = []
@@ -125,7 +150,7 @@ def _generate(args) -> int:
         new_ids.extend(step)
         text = tok.decode(new_ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.write(text[len(printed[0]) :])
             sys.stdout.flush()
             printed[0] = text
 
@@ -136,10 +161,17 @@ def _generate(args) -> int:
     if args.compare:
         ar = generate(target, ids, drafter=None, **kw)
     if args.json:
-        out = {"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
-               "method": args.method, "rule": "greedy" if params.greedy else args.rule,
-               "sampling": params.describe(), "dtype": args.dtype, "load_seconds": load_s,
-               "stats": res.stats.to_dict()}
+        out = {
+            "text": res.text,
+            "token_ids": res.token_ids,
+            "finish_reason": res.finish_reason,
+            "method": args.method,
+            "rule": "greedy" if params.greedy else args.rule,
+            "sampling": params.describe(),
+            "dtype": args.dtype,
+            "load_seconds": load_s,
+            "stats": res.stats.to_dict(),
+        }
         if ar is not None:
             out["ar_stats"] = ar.stats.to_dict()
             out["speedup_vs_ar"] = res.stats.tokens_per_second / max(ar.stats.tokens_per_second, 1e-9)
@@ -149,34 +181,49 @@ def _generate(args) -> int:
     s = res.stats
     err = sys.stderr
     print(file=sys.stdout)
-    print(f"\n--- {args.method} ({'greedy' if params.greedy else args.rule}, gamma={args.gamma}, "
-          f"{params.describe()}, {args.dtype}) ---", file=err)
-    print(f"{s.num_generated_tokens} tokens in {s.time_decode:.2f} s = {s.tokens_per_second:.1f} tok/s"
-          f" (prefill {s.time_prefill * 1e3:.0f} ms, model load {load_s:.1f} s)", file=err)
+    print(
+        f"\n--- {args.method} ({'greedy' if params.greedy else args.rule}, gamma={args.gamma}, "
+        f"{params.describe()}, {args.dtype}) ---",
+        file=err,
+    )
+    print(
+        f"{s.num_generated_tokens} tokens in {s.time_decode:.2f} s = {s.tokens_per_second:.1f} tok/s"
+        f" (prefill {s.time_prefill * 1e3:.0f} ms, model load {load_s:.1f} s)",
+        file=err,
+    )
     if s.num_spec_steps:
-        print(f"mean acceptance length {s.mean_acceptance_length:.2f}, draft acceptance rate "
-              f"{s.draft_acceptance_rate:.2f}, target forwards/token {s.target_forwards_per_token:.2f}",
-              file=err)
-    print(f"time: draft {s.time_draft:.2f} s, target forward {s.time_target_forward:.2f} s, "
-          f"engine overhead {s.overhead_per_step_ms:.2f} ms/step", file=err)
+        print(
+            f"mean acceptance length {s.mean_acceptance_length:.2f}, draft acceptance rate "
+            f"{s.draft_acceptance_rate:.2f}, target forwards/token {s.target_forwards_per_token:.2f}",
+            file=err,
+        )
+    print(
+        f"time: draft {s.time_draft:.2f} s, target forward {s.time_target_forward:.2f} s, "
+        f"engine overhead {s.overhead_per_step_ms:.2f} ms/step",
+        file=err,
+    )
     if ar is not None:
         a = ar.stats
-        print(f"plain decoding: {a.tokens_per_second:.1f} tok/s -> speed-up "
-              f"{s.tokens_per_second / max(a.tokens_per_second, 1e-9):.2f}x; output identical: "
-              f"{res.token_ids == ar.token_ids}", file=err)
+        print(
+            f"plain decoding: {a.tokens_per_second:.1f} tok/s -> speed-up "
+            f"{s.tokens_per_second / max(a.tokens_per_second, 1e-9):.2f}x; output identical: "
+            f"{res.token_ids == ar.token_ids}",
+            file=err,
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-verify"]:  # its own parser (see hierspec.bench.microbench)
+        from .bench.microbench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
-        if args.command == "bench-verify":
-            from .bench.microbench import main as bench_main
-
-            bench_main(args.rest)
-            return 0
     except (CliError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"hierspec: error: {err}", file=sys.stderr)
         return 2

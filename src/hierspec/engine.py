@@ -26,7 +26,7 @@ import torch
 
 from .drafters.base import Draft, Drafter
 from .models.base import LanguageModel
-from .sampling import SamplingParams, make_generators, process_logits, check_logits
+from .sampling import SamplingParams, check_logits, make_generators, process_logits
 from .stats import SpecStats
 from .verify import get_rule
 
@@ -43,8 +43,13 @@ class GenerationResult:
     prompt_ids: list[int] = field(default_factory=list)
 
 
-def _check_args(target: LanguageModel, prompt: torch.Tensor, drafter: Drafter | None, gamma: int,
-                max_new_tokens: int) -> None:
+def _check_args(
+    target: LanguageModel,
+    prompt: torch.Tensor,
+    drafter: Drafter | None,
+    gamma: int,
+    max_new_tokens: int,
+) -> None:
     if prompt.dim() != 2 or prompt.shape[0] != 1:
         raise ValueError(f"prompt_ids: expected shape [1, L] (batch size 1), got {tuple(prompt.shape)}")
     if prompt.shape[1] == 0:
@@ -186,12 +191,15 @@ def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(ends) if ends else None
 
 
-def _cut_at_stop(new: list[int], step: list[int], tokenizer, end: int,
-                 stop_strings: Sequence[str]) -> tuple[list[int], list[int]]:
+def _cut_at_stop(
+    new: list[int], step: list[int], tokenizer, end: int, stop_strings: Sequence[str]
+) -> tuple[list[int], list[int]]:
     """Drop the tokens after the one that completes the stop string."""
     base = len(new) - len(step)
     for i in range(len(step)):
-        if _find_stop(tokenizer.decode(new[: base + i + 1], skip_special_tokens=False),
-                      stop_strings) is not None:
+        if (
+            _find_stop(tokenizer.decode(new[: base + i + 1], skip_special_tokens=False), stop_strings)
+            is not None
+        ):
             return new[: base + i + 1], step[: i + 1]
     return new, step

@@ -72,8 +72,7 @@ def check_logits(logits: torch.Tensor) -> torch.Tensor:
     row_max = logits.amax(dim=-1, keepdim=True)
     if not bool(torch.isfinite(row_max).all()):
         raise ValueError(
-            "logits contain NaN or +inf values (or a row is entirely -inf); the model produced "
-            "invalid scores"
+            "logits contain NaN or +inf values (or a row is entirely -inf); the model produced invalid scores"
         )
     return row_max
 

@@ -44,7 +44,10 @@ class SpecStats:
         self.num_spec_steps += 1
         self.num_draft_tokens += drafted
         self.num_accepted_draft_tokens += accepted
-        for lst, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted)):
+        for lst, n in (
+            (self.drafted_per_position, drafted),
+            (self.accepted_per_position, accepted),
+        ):
             if len(lst) < drafted:
                 lst.extend([0] * (drafted - len(lst)))
             for i in range(n):
@@ -65,8 +68,10 @@ class SpecStats:
 
     @property
     def per_position_acceptance_rate(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in
-                zip(self.accepted_per_position, self.drafted_per_position, strict=True)]
+        return [
+            a / d if d else 0.0
+            for a, d in zip(self.accepted_per_position, self.drafted_per_position, strict=True)
+        ]
 
     @property
     def target_forwards_per_token(self) -> float:
@@ -91,8 +96,14 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for name in ("mean_acceptance_length", "draft_acceptance_rate", "per_position_acceptance_rate",
-                     "target_forwards_per_token", "tokens_per_second", "time_overhead",
-                     "overhead_per_step_ms"):
+        for name in (
+            "mean_acceptance_length",
+            "draft_acceptance_rate",
+            "per_position_acceptance_rate",
+            "target_forwards_per_token",
+            "tokens_per_second",
+            "time_overhead",
+            "overhead_per_step_ms",
+        ):
             d[name] = getattr(self, name)
         return d

@@ -47,8 +47,13 @@ def _median_us(fn, repeats: int) -> float:
 
 
 def run(
-    batch_sizes=(1, 8), k: int = 8, v: int = 49152, repeats: int = 200, threads: int = 2,
-    step_ms: float = 20.0, seed: int = 0,
+    batch_sizes=(1, 8),
+    k: int = 8,
+    v: int = 49152,
+    repeats: int = 200,
+    threads: int = 2,
+    step_ms: float = 20.0,
+    seed: int = 0,
 ) -> dict:
     """Time every rule; returns a JSON-able dict of rows."""
     torch.set_num_threads(threads)
@@ -63,23 +68,41 @@ def run(
                         continue
                     q = None if det else draft
                     g = torch.Generator().manual_seed(seed)
-                    hot = _median_us(lambda r=rule, q=q, g=g: r(tokens, q, target, g, validate=False),
-                                     repeats)
-                    checked = _median_us(lambda r=rule, q=q, g=g: r(tokens, q, target, g),
-                                         max(20, repeats // 4))
+                    hot = _median_us(
+                        lambda r=rule, q=q, g=g, x=tokens, p=target: r(x, q, p, g, validate=False), repeats
+                    )
+                    checked = _median_us(
+                        lambda r=rule, q=q, g=g, x=tokens, p=target: r(x, q, p, g), max(20, repeats // 4)
+                    )
                     acc = float(rule(tokens, q, target, g, validate=False).num_accepted.float().mean())
-                    rows.append({
-                        "rule": name, "batch": b, "K": k, "V": v, "draft": "one-hot" if det else "q",
-                        "regime": regime, "median_us": round(hot, 1),
-                        "median_us_validated": round(checked, 1),
-                        "share_of_step": round(hot / (step_ms * 1e3), 5),
-                        "mean_accepted_sample": acc,
-                    })
+                    rows.append(
+                        {
+                            "rule": name,
+                            "batch": b,
+                            "K": k,
+                            "V": v,
+                            "draft": "one-hot" if det else "q",
+                            "regime": regime,
+                            "median_us": round(hot, 1),
+                            "median_us_validated": round(checked, 1),
+                            "share_of_step": round(hot / (step_ms * 1e3), 5),
+                            "mean_accepted_sample": acc,
+                        }
+                    )
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": threads, "torch": torch.__version__},
-        "settings": {"K": k, "V": v, "dtype": "float32", "repeats": repeats,
-                     "reference_step_ms": step_ms},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": threads,
+            "torch": torch.__version__,
+        },
+        "settings": {
+            "K": k,
+            "V": v,
+            "dtype": "float32",
+            "repeats": repeats,
+            "reference_step_ms": step_ms,
+        },
         "rows": rows,
     }
 
@@ -106,8 +129,12 @@ def to_markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hierspec bench-verify", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("bench-out/verify"),
-                    help="output directory (results.json, report.md)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out/verify"),
+        help="output directory (results.json, report.md)",
+    )
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=49152)

@@ -169,9 +169,7 @@ def humaneval_prompts(n: int | None = None, offset: int = 0) -> list[Prompt]:
             if not line.strip():
                 continue
             record = json.loads(line)
-            prompts.append(
-                Prompt(id=record["task_id"], category="code", text=record["prompt"], chat=False)
-            )
+            prompts.append(Prompt(id=record["task_id"], category="code", text=record["prompt"], chat=False))
     return _select(prompts, n, offset)
 
 
@@ -369,9 +367,7 @@ def sharegpt_prompts(n: int | None = None, offset: int = 0, max_chars: int = 200
 _GUTENBERG_START = re.compile(r"^\s*\*{3}\s*START OF (THE|THIS) PROJECT GUTENBERG", re.I)
 _GUTENBERG_END = re.compile(r"^\s*\*{3}\s*END OF (THE|THIS) PROJECT GUTENBERG", re.I)
 # first heading of a play's text proper (after title and dramatis personae)
-_PLAY_START = re.compile(
-    r"^(ACT|Act)\s+(I|1|FIRST|First)\b|^(THE\s+)?(PROLOGUE|INDUCTION)\b\.?\s*$"
-)
+_PLAY_START = re.compile(r"^(ACT|Act)\s+(I|1|FIRST|First)\b|^(THE\s+)?(PROLOGUE|INDUCTION)\b\.?\s*$")
 _BYLINE = re.compile(r"^\s*by William Shakespeare\s*$", re.I)
 _FRONT_MATTER_MAX_LINES = 600
 
@@ -383,9 +379,7 @@ def _body_lines(raw: str) -> list[str]:
     """
     lines = raw.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     start = next((i + 1 for i, ln in enumerate(lines) if _GUTENBERG_START.match(ln)), 0)
-    end = next(
-        (i for i, ln in enumerate(lines) if i >= start and _GUTENBERG_END.match(ln)), len(lines)
-    )
+    end = next((i for i, ln in enumerate(lines) if i >= start and _GUTENBERG_END.match(ln)), len(lines))
     lines = lines[start:end]
     head = lines[:_FRONT_MATTER_MAX_LINES]
     play = next((i for i, ln in enumerate(head) if _PLAY_START.match(ln)), None)
@@ -468,10 +462,7 @@ def shakespeare_prompts(n: int | None = None, offset: int = 0, chars: int = 600)
         raw = path.read_text(encoding="utf-8", errors="replace")
         passages = _passages(_body_lines(raw), chars)
         per_work.append(
-            [
-                Prompt(id=f"{work}:{k}", category="prose", text=t, chat=False)
-                for k, t in enumerate(passages)
-            ]
+            [Prompt(id=f"{work}:{k}", category="prose", text=t, chat=False) for k, t in enumerate(passages)]
         )
     prompts: list[Prompt] = []
     for k in range(max((len(p) for p in per_work), default=0)):

@@ -145,20 +145,15 @@ class HFModel:
         if batch == 0 or new == 0:
             raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
         if self._length > 0 and batch != self._batch:
-            raise ValueError(
-                f"batch size {batch} differs from the cached batch {self._batch}; reset() first"
-            )
+            raise ValueError(f"batch size {batch} differs from the cached batch {self._batch}; reset() first")
         if self._length + new > self.max_length:
             raise ValueError(
-                f"forward of {new} tokens at cache_length {self._length} exceeds "
-                f"max_length {self.max_length}"
+                f"forward of {new} tokens at cache_length {self._length} exceeds max_length {self.max_length}"
             )
         if self.check_ids:
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(
-                    f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]"
-                )
+                raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
         return input_ids.to(device=self.device, dtype=torch.long)
 
     def forward(self, input_ids: torch.Tensor, *, output_hidden: bool = False) -> ForwardOutput:

@@ -90,9 +90,7 @@ def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except ImportError as err:  # transformers needs gguf (and accelerate) for GGUF files
-        raise ImportError(
-            f"loading the GGUF model needs transformers, gguf and accelerate: {err}"
-        ) from err
+        raise ImportError(f"loading the GGUF model needs transformers, gguf and accelerate: {err}") from err
     # The weights are dequantized in memory; drop the GGUF "quantization" marker so that
     # save_pretrained accepts the model (it refuses GGUF-quantized models).
     model.hf_quantizer = None
@@ -174,9 +172,7 @@ def load_smollm2(
             try:
                 _save_atomic(model, tokenizer, path)
             except OSError as err:
-                warnings.warn(
-                    f"could not cache the converted SmolLM2 in {path}: {err}", stacklevel=2
-                )
+                warnings.warn(f"could not cache the converted SmolLM2 in {path}: {err}", stacklevel=2)
     if dtype != model.dtype:
         model = model.to(dtype)
     if device is not None:

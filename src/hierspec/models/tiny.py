@@ -203,19 +203,15 @@ class TinyGPT(nn.Module):
             raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
         if self._length + new > self.max_length:
             raise ValueError(
-                f"forward of {new} tokens at cache_length {self._length} exceeds "
-                f"max_length {self.max_length}"
+                f"forward of {new} tokens at cache_length {self._length} exceeds max_length {self.max_length}"
             )
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]"
-            )
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
         if batch != self.batch_size:
             if self._length > 0:
                 raise ValueError(
-                    f"batch size {batch} differs from the cached batch {self.batch_size}; "
-                    "reset() first"
+                    f"batch size {batch} differs from the cached batch {self.batch_size}; reset() first"
                 )
             self._alloc_cache(batch)
         return input_ids.to(device=self.device, dtype=torch.long)
@@ -282,9 +278,7 @@ def make_tiny_pair(
     draft, ``related=False``: 1 layer, d_model 16, seed ``seed + 1``: unrelated weights, overlap
         ~0.25 (mostly rejections).
     """
-    base = TinyGPTConfig(
-        vocab_size=vocab_size, max_length=max_length, seed=seed, logit_scale=logit_scale
-    )
+    base = TinyGPTConfig(vocab_size=vocab_size, max_length=max_length, seed=seed, logit_scale=logit_scale)
     target = TinyGPT(base, dtype=dtype)
     if related:
         draft_config = replace(base, n_layer=1)

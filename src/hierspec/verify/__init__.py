@@ -23,9 +23,7 @@ def get_rule(name: str) -> Rule:
     try:
         return RULES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown verification rule {name!r}; expected one of {sorted(RULES)}"
-        ) from None
+        raise ValueError(f"unknown verification rule {name!r}; expected one of {sorted(RULES)}") from None
 
 
 __all__ = [

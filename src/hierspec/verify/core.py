@@ -68,8 +68,7 @@ def _check_prob_rows(name: str, probs: torch.Tensor) -> None:
         _fail(
             name,
             f"rows summing to 1 (tolerance {PROB_SUM_TOL:g})",
-            f"a row summing to {1.0 + float(dev.max()):.6g} (pass processed probabilities, "
-            "not logits)",
+            f"a row summing to {1.0 + float(dev.max()):.6g} (pass processed probabilities, not logits)",
         )
 
 

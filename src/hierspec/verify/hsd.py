@@ -58,9 +58,7 @@ def _stop(e: torch.Tensor, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.minimum(a, c)
 
 
-def _branch(
-    c: torch.Tensor, p_next: torch.Tensor, q_next: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _branch(c: torch.Tensor, p_next: torch.Tensor, q_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(stop probability, branch residual [c p - q]^+) of levels with capped ratio c [...] and
     rows p_next, q_next [..., V], all per unit Q_k."""
     d = c[..., None] * p_next - q_next

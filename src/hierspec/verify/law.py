@@ -107,9 +107,7 @@ def output_joint(
     """
     v = target.vocab_size
     if len(target.tables) < k + 1 or len(draft.tables) < k:
-        raise ValueError(
-            f"tables too shallow for K = {k}: need target depth {k + 1}, draft depth {k}"
-        )
+        raise ValueError(f"tables too shallow for K = {k}: need target depth {k + 1}, draft depth {k}")
     # acc[j] accumulates the mass of outputs of length j (shape [V]*j).
     acc = [np.zeros((v,) * j) for j in range(k + 2)]
     e_acc = 0.0
