@@ -382,3 +382,65 @@ def test_unknown_rule():
 
     with pytest.raises(ValueError, match=r"unknown verification rule 'foo'.*block"):
         get_rule("foo")
+
+
+# ------------------------------------------------------------------- naive HSD (analysis API)
+def _naive_joint(target, draft, k, law_fn):
+    """Output joint over V^{K+1} of naive HSD: K-token outputs padded with one target token."""
+    v = target.vocab_size
+    out = np.zeros((v,) * (k + 1))
+    for x in itertools.product(range(v), repeat=k):
+        qx = float(np.prod([draft(x[:t])[x[t]] for t in range(k)]))
+        if qx == 0:
+            continue
+        for seq, prob in law_fn(x, target, draft).items():
+            if len(seq) == k + 1:
+                out[seq] += qx * prob
+            else:
+                out[seq] += qx * prob * target(seq)
+    return out
+
+
+@pytest.mark.parametrize("v,k,seed", [(2, 2, 0), (3, 2, 1), (3, 3, 2), (4, 3, 3)])
+def test_naive_hsd_lossless(v, k, seed):
+    from hierspec.verify import naive_hsd
+
+    rng = np.random.default_rng(seed)
+    target, draft = random_tables(v, k + 1, rng), random_tables(v, k, rng)
+    assert np.abs(_naive_joint(target, draft, k, naive_hsd.law) - target.joint(k + 1)).max() < 1e-12
+
+
+def test_naive_hsd_without_forward_sampling_is_lossy():
+    """Negative control: after a level stop, continue with plain target sampling instead of the
+    forward-sampled branch residuals (the uncapped prefix masses then leave excess uncorrected)."""
+    from hierspec.verify import naive_hsd
+
+    def no_forward(x, target, draft):
+        out = {}
+        for seq, prob in naive_hsd.law(x, target, draft).items():
+            if len(seq) == len(x) + 1:
+                out[seq] = out.get(seq, 0.0) + prob
+                continue
+            k = next(i for i in range(len(x)) if seq[i] != x[i])
+            key = seq[: k + 1]
+            out[key] = out.get(key, 0.0) + prob
+        # Re-pad the truncated outputs with target continuations up to K tokens.
+        full = {}
+        for seq, prob in out.items():
+            stack = [(seq, prob)]
+            while stack:
+                s, pr = stack.pop()
+                if len(s) >= len(x):
+                    full[s] = full.get(s, 0.0) + pr
+                    continue
+                for z, pz in enumerate(target(s)):
+                    if pz > 0:
+                        stack.append(((*s, z), pr * pz))
+        return full
+
+    worst = 0.0
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        target, draft = random_tables(3, 4, rng), random_tables(3, 3, rng)
+        worst = max(worst, np.abs(_naive_joint(target, draft, 3, no_forward) - target.joint(4)).max())
+    assert worst > 1e-3

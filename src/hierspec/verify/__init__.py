@@ -8,11 +8,13 @@ comes next, such that the output is distributed exactly as the target.
                      equal in law to "block", computed in its branch-mass form
     RULES["greedy"]  temperature 0: accept while the draft equals the target argmax
 
+`naive_hsd.law` is the uncapped HSD with forward sampling, as an analysis API only.
+
 Every rule is callable as ``rule(draft_tokens[B,K], draft_probs[B,K,V] | None,
 target_probs[B,K+1,V], generator=None)`` and has ``rule.law(...)`` for one draft; see `core`.
 """
 
-from . import block, greedy, hsd, token
+from . import block, greedy, hsd, naive_hsd, token
 from .core import PROB_SUM_TOL, Rule, VerifyOutput, check_inputs
 
 RULES: dict[str, Rule] = {m.rule.name: m.rule for m in (token, block, hsd, greedy)}
@@ -36,5 +38,6 @@ __all__ = [
     "get_rule",
     "greedy",
     "hsd",
+    "naive_hsd",
     "token",
 ]
