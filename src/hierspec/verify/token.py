@@ -23,6 +23,7 @@ import torch
 
 from ..sampling import categorical
 from .core import Rule, VerifyOutput, dense_draft_probs, token_probs
+from .scan import gather_rows
 
 
 def verify(
@@ -39,17 +40,18 @@ def verify(
     accept = u[:, :k] * q_tok < p_tok
     tau = accept.long().cumprod(-1).sum(-1)  # leading acceptances
     bidx = torch.arange(b, device=dev)
-    p_row = target_probs[bidx, tau]  # p_{tau+1}: residual base, or the bonus row when tau = K
+    # p_{tau+1}: the residual base, or the bonus row when tau = K (index_select: a plain copy).
+    p_row = gather_rows(target_probs, bidx, tau[:, None])[:, 0]
     rejected = tau < k
     if k == 0 or not bool(rejected.any()):
         rows = p_row
     elif draft_probs is None:
-        # (p - onehot(x))^+ is p with the drafted token zeroed.
-        x = draft_tokens.long()[bidx, tau.clamp(max=k - 1)]
+        # (p - onehot(x))^+ is p with the drafted token zeroed (the copy above is ours to edit).
+        x = draft_tokens.long().gather(1, tau.clamp(max=k - 1)[:, None])[:, 0]
         rows = p_row.clone()
         rows[bidx, x] = torch.where(rejected, 0.0, rows[bidx, x])
     else:
-        q_row = draft_probs[bidx, tau.clamp(max=k - 1)]
+        q_row = gather_rows(draft_probs, bidx, tau.clamp(max=k - 1)[:, None])[:, 0]
         rows = torch.where(rejected[:, None], (p_row - q_row).clamp_(min=0), p_row)
     y = categorical(rows, u[:, k], fallback=p_row)
     return VerifyOutput(num_accepted=tau, next_token=y)
