@@ -1,0 +1,128 @@
+"""Draft hierarchies (Mohri et al., arXiv 2510.19705): a speculative sampler of M_i that uses the
+level below as its drafter *is* a drafter for M_{i+1}.
+
+    M_0 (any drafter: n-gram, small model) -> M_1 -> ... -> M_{n-1} -> target
+
+`SpeculativeDrafter(model, inner, rule, gamma)` proposes k tokens for the level above by running
+speculative steps of `model` with `inner` as drafter until exactly k tokens are emitted (each
+step drafts at most min(gamma, remaining - 1), so a step never overshoots). It returns those
+tokens with **model's full processed row** at each position as q:
+
+    X_1..X_k ~ prod_t p_i(X_t | X_<t)       (speculative sampling is exact for M_i)
+    q_t := p_i(. | X_<t)                    the conditional law X_t was emitted under
+
+so the level above sees a proposal drawn exactly from the q it is told, and every rule stays
+lossless. Handing up the residual a correction token was drawn from (instead of the full row)
+is biased: the tests keep that variant as a negative control. At temperature 0 every level is
+greedy and returns q one-hot (probs None).
+
+Caches: `model` keeps "context minus its last token" between steps (as the engine's target);
+on each `propose` it is rolled back to the longest common prefix with the new context (the
+level above may reject any suffix), and the level below re-syncs itself the same way, so caches
+at every level stay consistent without being told what was accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .drafters.base import Draft, Drafter
+from .models.base import LanguageModel
+from .sampling import SamplingParams
+from .stats import SpecStats
+from .step import StepResult, speculative_step
+from .verify import get_rule
+
+
+class SpeculativeDrafter:
+    """One level of a hierarchy: speculative sampling of `model` with drafter `inner`."""
+
+    def __init__(
+        self, model: LanguageModel, inner: Drafter | None, rule: str = "block", gamma: int = 4
+    ) -> None:
+        if not isinstance(gamma, int) or gamma < 1:
+            raise ValueError(f"gamma: expected an integer >= 1 for this level, got {gamma!r}")
+        iv = getattr(inner, "vocab_size", None)
+        if inner is not None and iv is not None and iv != model.vocab_size:
+            raise ValueError(
+                f"levels' vocabularies differ: the drafter below has {iv} tokens, this level's "
+                f"model has {model.vocab_size}"
+            )
+        self.model = model
+        self.inner = inner
+        self.rule = get_rule(rule)
+        self.gamma = gamma
+        self.vocab_size = model.vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.model.reset()
+        if self.inner is not None:
+            self.inner.reset()
+        self._fed = torch.zeros(0, dtype=torch.long)
+        self.stats = SpecStats()
+
+    def _sync(self, ctx: torch.Tensor) -> None:
+        """Make the cache hold ctx[:-1]: crop to the common prefix, feed the gap."""
+        n = min(self._fed.numel(), ctx.numel() - 1)
+        lcp = int((self._fed[:n] == ctx[:n]).long().cumprod(0).sum()) if n else 0
+        self.model.crop(lcp)
+        if ctx.numel() - 1 > lcp:
+            self.model.forward(ctx[None, lcp:-1].to(self.model.device))
+
+    def _step(
+        self, local: torch.Tensor, k_max: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> StepResult:
+        rule = get_rule("greedy") if params.greedy else self.rule
+        g = generator if generator is not None else torch.default_generator
+        return speculative_step(self.model, local, self.inner, rule, k_max, params, g, g, self.stats)
+
+    def propose(
+        self,
+        context: torch.Tensor,
+        num_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> Draft:
+        if context.dim() != 2 or context.shape[0] != 1:
+            raise ValueError(f"context: expected shape [1, L], got {tuple(context.shape)}")
+        num_tokens = min(num_tokens, self.model.max_length - context.shape[1])
+        if num_tokens <= 0:
+            return Draft.empty(1, context.device)
+        local = context.cpu()
+        self._sync(local[0])
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        while len(tokens) < num_tokens:
+            k_max = min(self.gamma, num_tokens - len(tokens) - 1)
+            res = self._step(local, k_max, params, generator)
+            tokens += res.tokens
+            if res.rows is not None:
+                rows.append(res.rows)
+            local = torch.cat([local, torch.tensor([res.tokens], dtype=torch.long)], 1)
+        self._fed = local[0, :-1].clone()
+        self.stats.num_generated_tokens += len(tokens)
+        probs = None if params.greedy else torch.cat(rows)[None].to(context.device)
+        return Draft(torch.tensor([tokens], dtype=torch.long, device=context.device), probs)
+
+
+def build_hierarchy(
+    models: list[LanguageModel],
+    bottom: Drafter | None,
+    rules: list[str] | str = "block",
+    gammas: list[int] | int = 4,
+) -> Drafter | None:
+    """The drafter for the target from draft models ordered smallest -> largest (the target
+    itself excluded) with `bottom` (n-gram, or None) below the smallest. `rules`/`gammas` are per
+    level, bottom first (a single value applies to all)."""
+    n = len(models)
+    rules = [rules] * n if isinstance(rules, str) else list(rules)
+    gammas = [gammas] * n if isinstance(gammas, int) else list(gammas)
+    if len(rules) != n or len(gammas) != n:
+        raise ValueError(
+            f"expected {n} rules and gammas (one per draft level), got {len(rules)} and {len(gammas)}"
+        )
+    drafter = bottom
+    for model, rule, gamma in zip(models, rules, gammas, strict=True):
+        drafter = SpeculativeDrafter(model, drafter, rule=rule, gamma=gamma)
+    return drafter

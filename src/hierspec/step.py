@@ -1,0 +1,84 @@
+"""One speculative step: propose -> one target forward -> verify -> commit -> roll back.
+
+Precondition: ``model``'s cache holds ``context[:, :-1]`` (every committed token but the last).
+
+    draft   = drafter.propose(context, k)                     X_1..X_k, rows q (or one-hot)
+    logits  = model.forward([x_L, X_1..X_k])                  rows p_1..p_{k+1}
+    tau, Y  = rule(X, q, process(logits))
+    emitted = X_1..X_tau, Y;   model.crop(L + tau)            cache = new context minus its last
+
+The emitted tokens are distributed exactly as ``model``'s (processed) autoregressive law, and the
+processed row of every emitted token is p_1..p_{tau+1}: token t was emitted with conditional law
+p_t given the tokens before it. A hierarchy level hands exactly these full rows up as its q (the
+residual a correction token was drawn from would be biased; see `hierarchy.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .drafters.base import Draft, Drafter
+from .models.base import LanguageModel
+from .sampling import SamplingParams, check_logits, process_logits
+from .stats import SpecStats
+from .verify import Rule
+
+
+@dataclass
+class StepResult:
+    """Tokens emitted by one step, their processed rows [n, V] (None at temperature 0), and the
+    number of draft tokens proposed and accepted."""
+
+    tokens: list[int]
+    rows: torch.Tensor | None
+    drafted: int
+    accepted: int
+
+
+def speculative_step(
+    model: LanguageModel,
+    context: torch.Tensor,
+    drafter: Drafter | None,
+    rule: Rule,
+    k_max: int,
+    params: SamplingParams,
+    g_draft: torch.Generator,
+    g_verify: torch.Generator,
+    stats: SpecStats | None = None,
+    validate: bool = False,
+) -> StepResult:
+    """One step at batch size 1 (see module docstring); times go into `stats` if given."""
+    t = time.perf_counter()
+    if drafter is not None and k_max > 0:
+        draft = drafter.propose(context, k_max, params, g_draft)
+    else:
+        draft = Draft.empty(1)
+    k = draft.num_tokens
+    t1 = time.perf_counter()
+    inp = torch.cat([context[:, -1:], draft.tokens.cpu()], 1).to(model.device)
+    logits = model.forward(inp).logits  # [1, k+1, V]
+    t2 = time.perf_counter()
+    if params.greedy:
+        check_logits(logits)
+        rows, q = logits, None
+    else:
+        rows = process_logits(logits, params)
+        q = None if draft.probs is None else draft.probs.to(rows.device, rows.dtype)
+    t3 = time.perf_counter()
+    out = rule(draft.tokens.to(rows.device), q, rows, g_verify, validate=validate)
+    tau = int(out.num_accepted[0])
+    tokens = [*draft.tokens[0, :tau].tolist(), int(out.next_token[0])]
+    t4 = time.perf_counter()
+    model.crop(context.shape[1] + tau)
+    t5 = time.perf_counter()
+    if stats is not None:
+        stats.time_draft += t1 - t
+        stats.time_target_forward += t2 - t1
+        stats.time_logits_processing += t3 - t2
+        stats.time_verify_rule += t4 - t3
+        stats.time_rollback += t5 - t4
+        stats.record_step(k, tau)
+    return StepResult(tokens, None if params.greedy else rows[0, : tau + 1], k, tau)
