@@ -135,3 +135,9 @@ def test_calibrate_tiny_models(tmp_path):
     other = TinyGPT(TinyGPTConfig(vocab_size=7), dtype=torch.float64)
     with pytest.raises(ValueError, match="vocabularies differ"):
         calibrate([other, target], ["a", "b"], [[1]])
+
+
+def test_unsorted_costs_warn():
+    alpha = np.full((3, 3), 0.8)
+    with pytest.warns(UserWarning, match="not sorted by increasing decode cost"):
+        plan(alpha, const_cost([0.5, 0.1, 1.0]))

@@ -24,6 +24,7 @@ batch length N_i; `exact_latency` uses the renewal-reward recursion with the bat
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -118,6 +119,14 @@ def plan(alpha: np.ndarray, cost: CostFn, n_max: int = 8, top: int = 5) -> list[
     """
     m = alpha.shape[0]
     target = m - 1
+    decode = [cost(i, 1) for i in range(m)]
+    if any(b < a for a, b in itertools.pairwise(decode)):
+        warnings.warn(
+            f"models are not sorted by increasing decode cost ({[f'{c:.3g}' for c in decode]}); the "
+            "planner only lets a model draft for models after it, so a cheaper model listed later "
+            "can never be a drafter. Sort the models by cost (target last).",
+            stacklevel=2,
+        )
     best: list[tuple[float, tuple[int, ...], tuple[int, ...]]] = []
     for j in range(m):
         cand = [(cost(j, 1), (j,), ())]
