@@ -96,6 +96,7 @@ def test_toy_selection_problem():
 
 
 # ------------------------------------------------------------------- calibration on tiny models
+@pytest.mark.filterwarnings("ignore:models are not sorted")  # sub-ms tiny-model timings are noise
 def test_calibrate_tiny_models(tmp_path):
     import torch
 

@@ -1,7 +1,8 @@
-"""Command line: ``hierspec generate | bench-verify``.
+"""Command line: ``hierspec generate | bench | bench-verify | train-draft``.
 
     hierspec generate --prompt "Write a haiku about the sea." --chat --compare
     hierspec generate --prompt "def fib(n):" --method ngram --rule block --json
+    hierspec bench --quick --out bench-out/quick
 
 `generate` runs the embedded SmolLM2-135M-Instruct target with the chosen drafter, streams the
 text to the terminal (or prints one JSON object with ``--json``: text, token_ids, stats, and
@@ -67,7 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     g.add_argument("--compare", action="store_true", help="also run plain decoding and report the speed-up")
+    sub.add_parser("bench", help="benchmark matrix with HF peers and a report (--help for options)")
     sub.add_parser("bench-verify", help="micro-benchmark of the verification rules (--help for options)")
+    sub.add_parser("train-draft", help="distil a draft or early-exit head (--help for options)")
     return ap
 
 
@@ -213,13 +216,21 @@ def _generate(args) -> int:
     return 0
 
 
+#: subcommands that own their argument parser: name -> module with main(argv)
+DELEGATED = {
+    "bench": "hierspec.bench.harness",
+    "bench-verify": "hierspec.bench.microbench",
+    "train-draft": "hierspec.train.cli",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench-verify"]:  # its own parser (see hierspec.bench.microbench)
-        from .bench.microbench import main as bench_main
+    if argv[:1] and argv[0] in DELEGATED:
+        import importlib
 
-        bench_main(argv[1:])
-        return 0
+        rc = importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
+        return int(rc or 0)
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "generate":

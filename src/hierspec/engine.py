@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .drafters.base import Draft, Drafter
+from .drafters.base import Drafter
 from .models.base import LanguageModel
-from .sampling import SamplingParams, check_logits, make_generators, process_logits
+from .sampling import SamplingParams, make_generators
 from .stats import SpecStats
+from .step import speculative_step
 from .verify import get_rule
 
 
@@ -89,6 +90,7 @@ def generate(
     seed: int | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
     validate: bool = False,
+    on_verify: Callable[[dict], None] | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `prompt_ids` (see module docstring).
 
@@ -97,6 +99,11 @@ def generate(
     decoded new text contains one (needs `tokenizer`); the text is cut after it.
     on_tokens: called with the newly committed token ids after every step (streaming).
     validate: check the verifier's inputs every step (slow; for debugging drafters).
+    on_verify: called after every verification (before the step is committed) with a dict
+    ``draft_tokens`` [1, k] (k = 0: no draft), ``draft_probs`` [1, k, V] or None (deterministic),
+    ``target_rows`` [1, k+1, V] (processed probabilities; raw logits at temperature 0) and
+    ``num_accepted`` (int) -- what ``RULES[rule].law`` needs for the exact acceptance law of
+    that draft. Read-only views of engine tensors; the time it takes counts in ``time_decode``.
     """
     params = params or SamplingParams()
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
@@ -127,34 +134,20 @@ def generate(
     while len(new) < budget_total:
         budget = budget_total - len(new)
         k_max = min(gamma, budget - 1)
-        t = time.perf_counter()
-        if drafter is not None and k_max > 0:
-            draft = drafter.propose(context, k_max, params, g_draft)
-        else:
-            draft = Draft.empty(1)
-        k = draft.num_tokens
-        t1 = time.perf_counter()
-        stats.time_draft += t1 - t
-        inp = torch.cat([context[:, -1:], draft.tokens.cpu()], 1).to(target.device)
-        logits = target.forward(inp).logits  # [1, k+1, V]
-        t2 = time.perf_counter()
-        stats.time_target_forward += t2 - t1
-        if params.greedy:
-            check_logits(logits)
-            rows, q = logits, None
-        else:
-            rows = process_logits(logits, params)
-            q = None if draft.probs is None else draft.probs.to(rows.device, rows.dtype)
-        t3 = time.perf_counter()
-        stats.time_logits_processing += t3 - t2
-        out = verify_rule(draft.tokens.to(rows.device), q, rows, g_verify, validate=validate)
-        tau = int(out.num_accepted[0])
-        step = [*draft.tokens[0, :tau].tolist(), int(out.next_token[0])]
-        t4 = time.perf_counter()
-        stats.time_verify_rule += t4 - t3
-        target.crop(context.shape[1] + tau)
-        stats.time_rollback += time.perf_counter() - t4
-        stats.record_step(k, tau)
+        res = speculative_step(
+            target,
+            context,
+            drafter,
+            verify_rule,
+            k_max,
+            params,
+            g_draft,
+            g_verify,
+            stats,
+            validate,
+            on_verify,
+        )
+        step = res.tokens
 
         for i, tok in enumerate(step):
             if tok in eos:

@@ -16,6 +16,7 @@ residual a correction token was drawn from would be biased; see `hierarchy.py`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,14 @@ def speculative_step(
     g_verify: torch.Generator,
     stats: SpecStats | None = None,
     validate: bool = False,
+    on_verify: Callable[[dict], None] | None = None,
 ) -> StepResult:
-    """One step at batch size 1 (see module docstring); times go into `stats` if given."""
+    """One step at batch size 1 (see module docstring); times go into `stats` if given.
+
+    on_verify, if given, receives {draft_tokens [1,k], draft_probs [1,k,V] | None, target_rows
+    [1,k+1,V] (processed; raw logits at temperature 0), num_accepted} after verification: what
+    ``rule.law`` needs for the exact acceptance law of that draft.
+    """
     t = time.perf_counter()
     if drafter is not None and k_max > 0:
         draft = drafter.propose(context, k_max, params, g_draft)
@@ -74,6 +81,8 @@ def speculative_step(
     t4 = time.perf_counter()
     model.crop(context.shape[1] + tau)
     t5 = time.perf_counter()
+    if on_verify is not None:
+        on_verify({"draft_tokens": draft.tokens, "draft_probs": q, "target_rows": rows, "num_accepted": tau})
     if stats is not None:
         stats.time_draft += t1 - t
         stats.time_target_forward += t2 - t1

@@ -1,0 +1,913 @@
+"""Benchmark harness: methods x prompt sets x temperatures x gamma x rules, on one target, one run.
+
+    hierspec bench --quick --out bench-out/quick
+    hierspec bench --out bench-out/full --sets code,chat,prose --n 10 \\
+        --methods ar,ngram,hf-ngram,draft:PATH,hf-draft:PATH --rules token,block,hsd \\
+        --temperatures 0,0.7,1.0 --gammas 3,5 --repeats 3
+
+Methods (the target is the embedded SmolLM2-135M-Instruct):
+
+* ``ar`` -- hierspec plain decoding (always run: every speed-up is measured against it, in the
+  same run, on the same prompts).
+* ``ngram`` -- hierspec prompt lookup (:class:`~hierspec.drafters.NgramDrafter`, n = 3..1).
+* ``draft:PATH`` -- hierspec with a draft model (a transformers directory or a ``.gguf`` file
+  sharing the target's tokenizer).
+* ``hf-ngram`` -- HF transformers' own ``model.generate(prompt_lookup_num_tokens=gamma,
+  max_matching_ngram_size=3)`` on the same underlying model (``HFModel.model``).
+* ``hf-draft:PATH`` -- HF assisted generation ``generate(assistant_model=..., num_assistant_tokens=
+  gamma, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0)``.
+
+HF runs pass ``top_k=0`` so HF's implicit ``top_k=50`` is not applied: both libraries sample from
+the same processed distribution (temperature, top-p). Rules (``token|block|hsd``) apply to hierspec
+drafting methods at T > 0; at T = 0 every method is greedy and its output is compared token by
+token with hierspec AR. HF methods have their own fixed rule (``hf`` in the tables).
+
+Protocol (Spec-Bench style, batch size 1): prompts are tokenised first; every (method, T, gamma,
+rule) cell is warmed up ``--warmup`` times on the first prompt (16 new tokens); then for each
+prompt and repeat every cell runs in turn (order rotated per prompt) so machine drift hits all
+methods alike. Each generation is timed with ``perf_counter`` around the whole call (prefill
+included, for hierspec and HF alike). For hierspec drafting methods at T > 0 the engine's
+``on_verify`` hook evaluates ``RULES[rule].law`` on every realised draft and sums the exact
+E[accepted | draft] next to the measured accepted count; that analysis time is measured inside the
+hook and subtracted from the run's time (reported separately, ``--no-expected-acceptance`` turns
+it off). Bad input (unknown method or set, malformed Spec-Bench line, missing draft path,
+unwritable output directory) fails with exit status 2 before any model is loaded, and the report
+files are only written, each atomically, once everything has run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..drafters import ModelDrafter, NgramDrafter
+from ..engine import generate
+from ..sampling import SamplingParams
+from ..verify import RULES
+from .prompts import PROMPT_SETS, Prompt, load_prompt_set, specbench_prompts
+
+METHOD_KINDS = ("ar", "ngram", "draft", "hf-ngram", "hf-draft")
+METHOD_SYNTAX = "ar, ngram, draft:PATH, hf-ngram, hf-draft:PATH"
+SPEC_RULES = ("token", "block", "hsd")
+DTYPES = ("float32", "bfloat16")
+WARMUP_TOKENS = 16
+HF_PLD_MAX_NGRAM = 3  # = NgramDrafter's default max_ngram, so both prompt lookups match n = 3..1
+TIME_COMPONENTS = (
+    "prefill",
+    "draft",
+    "target_forward",
+    "logits_processing",
+    "verify_rule",
+    "rollback",
+    "other",
+)
+
+
+class BenchError(Exception):
+    """Bad input: printed as one line on stderr, exit status 2, nothing written."""
+
+
+# ------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the matrix: ``kind`` in METHOD_KINDS, ``path`` for draft models."""
+
+    name: str
+    kind: str
+    path: str | None = None
+
+    @property
+    def drafts(self) -> bool:
+        return self.kind != "ar"
+
+    @property
+    def hf(self) -> bool:
+        return self.kind.startswith("hf-")
+
+
+def parse_method(text: str) -> MethodSpec:
+    """``"ar" | "ngram" | "draft:PATH" | "hf-ngram" | "hf-draft:PATH"`` -> MethodSpec."""
+    text = text.strip()
+    kind, sep, path = text.partition(":")
+    if kind in ("ar", "ngram", "hf-ngram") and not sep:
+        return MethodSpec(text, kind)
+    if kind in ("draft", "hf-draft") and sep:
+        if not path:
+            raise BenchError(f"method {text!r}: give the draft model path, e.g. {kind}:PATH")
+        if not os.path.exists(path):
+            raise BenchError(f"method {text!r}: draft path {path!r} does not exist")
+        return MethodSpec(text, kind, path)
+    if kind in ("draft", "hf-draft"):
+        raise BenchError(f"method {text!r} needs a draft model path: {kind}:PATH")
+    raise BenchError(f"unknown method {text!r}; valid methods: {METHOD_SYNTAX}")
+
+
+@dataclass
+class BenchConfig:
+    """Everything that defines a benchmark run (see the module docstring)."""
+
+    out: Path
+    sets: list[str] = field(default_factory=lambda: ["code", "chat", "prose"])
+    n: int = 10
+    offset: int = 0
+    methods: list[MethodSpec] = field(
+        default_factory=lambda: [MethodSpec("ar", "ar"), MethodSpec("ngram", "ngram")]
+    )
+    rules: list[str] = field(default_factory=lambda: list(SPEC_RULES))
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
+    gammas: list[int] = field(default_factory=lambda: [3, 5])
+    dtype: str = "float32"
+    max_new_tokens: int = 128
+    repeats: int = 1
+    warmup: int = 3
+    on_error: str = "raise"
+    top_p: float = 1.0
+    seed: int = 0
+    threads: int = 0  # 0 = leave torch's setting
+    expected_acceptance: bool = True
+    quick: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["methods"] = [m.name for m in self.methods]
+        return d
+
+
+FULL_DEFAULTS = {
+    "sets": "code,chat,prose",
+    "n": 10,
+    "methods": "ar,ngram,hf-ngram",
+    "rules": "token,block,hsd",
+    "temperatures": "0,0.7,1.0",
+    "gammas": "3,5",
+    "dtype": "float32",
+    "max_new_tokens": 128,
+    "repeats": 1,
+    "warmup": 3,
+}
+QUICK_PRESET = {
+    "sets": "code,chat",
+    "n": 3,
+    "methods": "ar,ngram,hf-ngram",
+    "rules": "block",
+    "temperatures": "0,1.0",
+    "gammas": "5",
+    "dtype": "float32",
+    "max_new_tokens": 64,
+    "repeats": 1,
+    "warmup": 1,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hierspec bench",
+        description="Benchmark matrix: methods x prompt sets x temperatures x gamma x rules, with "
+        "HF transformers' prompt lookup / assisted generation as peers, in one run.",
+    )
+    ap.add_argument(
+        "--out", required=True, type=Path, help="output directory (report.md, results.json, PNGs)"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="preset that finishes in a few minutes: 3 code + 3 chat prompts, 64 new tokens, T 0 and "
+        "1.0, gamma 5, rule block, methods ar,ngram,hf-ngram, float32 (explicit flags override it)",
+    )
+    ap.add_argument(
+        "--sets", help="comma list of code, chat, prose, specbench:PATH (default code,chat,prose)"
+    )
+    ap.add_argument("--n", type=int, help="prompts per set (per category for specbench:PATH); default 10")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of each set")
+    ap.add_argument("--methods", help=f"comma list of {METHOD_SYNTAX} (default ar,ngram,hf-ngram)")
+    ap.add_argument("--rules", help="verification rules at T > 0: token,block,hsd (default all)")
+    ap.add_argument("--temperatures", help="comma list, 0 = greedy (default 0,0.7,1.0)")
+    ap.add_argument("--gammas", help="draft lengths, comma list (default 3,5)")
+    ap.add_argument("--dtype", choices=DTYPES, help="model dtype (default float32)")
+    ap.add_argument("--max-new-tokens", type=int, help="new tokens per generation (default 128)")
+    ap.add_argument("--repeats", type=int, help="timed runs per prompt and cell (default 1)")
+    ap.add_argument("--warmup", type=int, help="warm-up runs per cell on the first prompt (default 3)")
+    ap.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="malformed Spec-Bench lines, over-long prompts and failed generations: stop (raise, "
+        "default) or skip them with a warning",
+    )
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling at T > 0 (1 = off)")
+    ap.add_argument("--seed", type=int, default=0, help="base seed (per prompt and repeat)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument(
+        "--no-expected-acceptance",
+        action="store_true",
+        help="skip the exact E[accepted | draft] analysis (RULES[rule].law on every realised draft)",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return ap
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_list(text: str, conv: Callable[[str], Any], what: str) -> list:
+    out = []
+    for item in _split(text):
+        try:
+            out.append(conv(item))
+        except ValueError:
+            raise BenchError(f"--{what}: cannot read {item!r}") from None
+    if not out:
+        raise BenchError(f"--{what}: empty list")
+    return list(dict.fromkeys(out))
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Validate parsed arguments (no file is read but draft paths' existence)."""
+    base = QUICK_PRESET if args.quick else FULL_DEFAULTS
+
+    def pick(name: str):
+        value = getattr(args, name)
+        return base[name] if value is None else value
+
+    methods = [parse_method(m) for m in _split(pick("methods"))]
+    if not methods:
+        raise BenchError("--methods: empty list")
+    names = list(dict.fromkeys(m.name for m in methods))
+    methods = [next(m for m in methods if m.name == n) for n in names]
+    if not any(m.kind == "ar" for m in methods):
+        methods.insert(0, MethodSpec("ar", "ar"))  # the reference of every speed-up
+    rules = _parse_list(pick("rules"), str, "rules")
+    bad = [r for r in rules if r not in SPEC_RULES]
+    if bad:
+        raise BenchError(f"--rules: unknown rule(s) {bad}; valid: {', '.join(SPEC_RULES)}")
+    temps = _parse_list(pick("temperatures"), float, "temperatures")
+    if any(not math.isfinite(t) or t < 0 for t in temps):
+        raise BenchError(f"--temperatures: expected finite numbers >= 0, got {temps}")
+    gammas = _parse_list(pick("gammas"), int, "gammas")
+    if any(g < 1 for g in gammas):
+        raise BenchError(f"--gammas: expected integers >= 1, got {gammas}")
+    sets = _parse_list(pick("sets"), str, "sets")
+    for s in sets:
+        if s.startswith("specbench:"):
+            if not s[len("specbench:") :]:
+                raise BenchError("--sets: 'specbench:' needs a file path, e.g. specbench:question.jsonl")
+        elif s not in PROMPT_SETS:
+            valid = ", ".join([*PROMPT_SETS, "specbench:PATH"])
+            raise BenchError(f"--sets: unknown prompt set {s!r}; valid: {valid}")
+    cfg = BenchConfig(
+        out=args.out,
+        sets=sets,
+        n=int(pick("n")),
+        offset=args.offset,
+        methods=methods,
+        rules=rules,
+        temperatures=temps,
+        gammas=sorted(gammas),
+        dtype=pick("dtype"),
+        max_new_tokens=int(pick("max_new_tokens")),
+        repeats=int(pick("repeats")),
+        warmup=int(pick("warmup")),
+        on_error=args.on_error,
+        top_p=args.top_p,
+        seed=args.seed,
+        threads=args.threads,
+        expected_acceptance=not args.no_expected_acceptance,
+        quick=args.quick,
+    )
+    for name, lo in (("n", 1), ("max_new_tokens", 1), ("repeats", 1), ("warmup", 0), ("offset", 0)):
+        if getattr(cfg, name) < lo:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(cfg, name)}")
+    if not 0 < cfg.top_p <= 1:
+        raise BenchError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.threads < 0:
+        raise BenchError(f"--threads must be >= 0, got {cfg.threads}")
+    return cfg
+
+
+def check_output_dir(out: Path) -> None:
+    """Raise BenchError unless ``out`` is (or can be created as) a writable directory.
+
+    Probes with a temporary file that is removed at once (``os.access`` says yes to root)."""
+    out = Path(out)
+    probe_dir = out
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise BenchError(f"--out {str(out)!r}: {str(probe_dir)!r} exists and is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe_dir, prefix=".hierspec-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise BenchError(
+            f"--out {str(out)!r}: directory {str(probe_dir)!r} is not writable ({err})"
+        ) from None
+
+
+def load_prompts(cfg: BenchConfig) -> list[Prompt]:
+    """All prompts of the configured sets, in order; BenchError on unknown sets or bad files.
+
+    For ``specbench:PATH`` ``n``/``offset`` apply per category (Spec-Bench files are sorted by
+    task, so the first n of the file would all be MT-bench)."""
+    prompts: list[Prompt] = []
+    for name in cfg.sets:
+        try:
+            if name.startswith("specbench:"):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    items = specbench_prompts(name[len("specbench:") :], on_error=cfg.on_error)
+                for w in caught:
+                    print(f"hierspec bench: warning: {w.message}", file=sys.stderr)
+                per_cat: dict[str, list[Prompt]] = {}
+                for p in items:
+                    per_cat.setdefault(p.category, []).append(p)
+                for group in per_cat.values():
+                    prompts.extend(group[cfg.offset : cfg.offset + cfg.n])
+            else:
+                prompts.extend(load_prompt_set(name, n=cfg.n, offset=cfg.offset))
+        except (ValueError, FileNotFoundError, ModuleNotFoundError, OSError) as err:
+            raise BenchError(f"--sets {name}: {err}") from None
+    if not prompts:
+        raise BenchError(f"--sets {','.join(cfg.sets)}: no prompts (check --n / --offset)")
+    return prompts
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt: chat prompts through the chat template, raw text as is."""
+    if prompt.chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer(prompt.text)["input_ids"]
+    return [int(i) for i in ids]
+
+
+# ------------------------------------------------------------------------------------ cells
+@dataclass(frozen=True)
+class Cell:
+    """One column of the matrix at one temperature: a method with its gamma and rule."""
+
+    method: MethodSpec
+    temperature: float
+    gamma: int | None
+    rule: str  # "-" (AR), "greedy" (T = 0), token|block|hsd, "hf" (HF's own rule at T > 0)
+
+    @property
+    def label(self) -> str:
+        if self.method.kind == "ar":
+            return "ar"
+        name = self.method.name
+        if self.method.path:
+            name = f"{self.method.kind}:{Path(self.method.path).name or self.method.path}"
+        parts = [name, f"γ{self.gamma}"]
+        if self.rule not in ("greedy", "hf"):
+            parts.insert(1, self.rule)
+        return "/".join(parts)
+
+
+def plan_cells(cfg: BenchConfig) -> list[Cell]:
+    """The cells of the matrix: AR once per temperature; rules only for hierspec drafting at T > 0."""
+    cells = []
+    for t in cfg.temperatures:
+        for m in cfg.methods:
+            if m.kind == "ar":
+                cells.append(Cell(m, t, None, "-"))
+                continue
+            for g in cfg.gammas:
+                if t == 0:
+                    cells.append(Cell(m, t, g, "greedy"))
+                elif m.hf:
+                    cells.append(Cell(m, t, g, "hf"))
+                else:
+                    cells.extend(Cell(m, t, g, r) for r in cfg.rules)
+    return cells
+
+
+# ------------------------------------------------------------------------------------ running
+class _ForwardCounter:
+    """Counts forward calls of a torch module (a pre-hook; ~1 µs per call)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        self.calls += 1
+
+    def take(self) -> int:
+        n, self.calls = self.calls, 0
+        return n
+
+
+class _LawHook:
+    """``on_verify`` hook: sums the exact E[accepted | draft] (and its variance) of every realised
+    draft with ``RULES[rule].law``, timing itself so the harness can subtract that time."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = RULES[rule]
+        self.expected = 0.0
+        self.variance = 0.0
+        self.measured = 0
+        self.steps = 0
+        self.seconds = 0.0
+
+    def __call__(self, info: dict) -> None:
+        t0 = time.perf_counter()
+        tokens = info["draft_tokens"]
+        k = tokens.shape[-1]
+        if k:
+            q = info["draft_probs"]
+            law = self.rule.law(tokens[0], None if q is None else q[0], info["target_rows"][0])
+            pk = law.sum(-1, dtype=torch.float64)  # P(num_accepted = j), j = 0..k
+            j = torch.arange(k + 1, dtype=torch.float64)
+            mean = float((pk * j).sum())
+            self.expected += mean
+            self.variance += max(0.0, float((pk * j * j).sum()) - mean * mean)
+            self.measured += int(info["num_accepted"])
+            self.steps += 1
+        self.seconds += time.perf_counter() - t0
+
+
+def _maxrss_mb() -> float:
+    """Process peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS) in MiB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def _hf_module(model) -> torch.nn.Module | None:
+    """The transformers model behind an HFModel (None for other LanguageModels)."""
+    m = getattr(model, "model", None)
+    return m if m is not None and hasattr(m, "generate") else None
+
+
+@dataclass
+class Runner:
+    """Runs single generations of a cell on one prompt and returns a result row."""
+
+    cfg: BenchConfig
+    target: Any
+    eos_token_id: int | None
+    drafts: dict[str, Any]  # path -> HFModel (LanguageModel with .model)
+    _drafters: dict[str, Any] = field(default_factory=dict)
+    _counters: dict[str, _ForwardCounter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        hf = _hf_module(self.target)
+        if hf is not None:
+            self._counters["target"] = _ForwardCounter(hf)
+        for path, model in self.drafts.items():
+            m = _hf_module(model)
+            if m is not None:
+                self._counters[path] = _ForwardCounter(m)
+
+    def close(self) -> None:
+        for c in self._counters.values():
+            c.handle.remove()
+
+    def _drafter(self, m: MethodSpec):
+        if m.kind == "ar":
+            return None
+        if m.name not in self._drafters:
+            self._drafters[m.name] = (
+                NgramDrafter() if m.kind == "ngram" else ModelDrafter(self.drafts[m.path])
+            )
+        return self._drafters[m.name]
+
+    def _take(self, key: str | None) -> int | None:
+        c = self._counters.get(key) if key else None
+        return c.take() if c is not None else None
+
+    def run(self, cell: Cell, ids: list[int], seed: int, max_new_tokens: int, analyse: bool) -> dict:
+        m = cell.method
+        draft_key = m.path if m.kind in ("draft", "hf-draft") else None
+        self._take("target")
+        self._take(draft_key)
+        rss0 = _maxrss_mb()
+        if m.hf:
+            row = self._run_hf(cell, ids, seed, max_new_tokens)
+        else:
+            row = self._run_hierspec(cell, ids, seed, max_new_tokens, analyse)
+        row["target_calls"] = self._take("target")
+        row["draft_forwards"] = self._take(draft_key)
+        if m.hf and row["target_calls"] is not None:
+            # each HF target call (the first one is the prefill) emits >= 1 token
+            row["target_forwards"] = row["target_calls"]
+        rss1 = _maxrss_mb()
+        row["rss_peak_mb"] = rss1
+        row["rss_peak_raise_mb"] = rss1 - rss0
+        return row
+
+    def _run_hierspec(self, cell: Cell, ids: list[int], seed: int, max_new: int, analyse: bool) -> dict:
+        hook = _LawHook(cell.rule) if analyse and cell.method.drafts and cell.temperature > 0 else None
+        params = SamplingParams(
+            temperature=cell.temperature, top_p=self.cfg.top_p if cell.temperature else 1.0
+        )
+        drafter = self._drafter(cell.method)
+        t0 = time.perf_counter()
+        res = generate(
+            self.target,
+            ids,
+            drafter=drafter,
+            rule=cell.rule if cell.rule in SPEC_RULES else "token",
+            gamma=cell.gamma or 1,
+            params=params,
+            max_new_tokens=max_new,
+            eos_token_id=self.eos_token_id,
+            seed=seed,
+            on_verify=hook,
+        )
+        t_call = time.perf_counter() - t0
+        s = res.stats
+        analysis = hook.seconds if hook is not None else 0.0
+        t_net = t_call - analysis
+        times = {
+            "prefill": s.time_prefill,
+            "draft": s.time_draft,
+            "target_forward": s.time_target_forward,
+            "logits_processing": s.time_logits_processing,
+            "verify_rule": s.time_verify_rule,
+            "rollback": s.time_rollback,
+        }
+        times["other"] = max(0.0, t_net - sum(times.values()))
+        row = {
+            "new_tokens": len(res.token_ids),
+            "finish_reason": res.finish_reason,
+            "token_ids": res.token_ids,
+            "time_s": t_net,
+            "time_call_s": t_call,
+            "time_analysis_s": analysis,
+            "times": times,
+            "target_forwards": s.num_target_forwards,
+            "num_spec_steps": s.num_spec_steps,
+            "num_draft_tokens": s.num_draft_tokens,
+            "num_accepted_draft_tokens": s.num_accepted_draft_tokens,
+            "drafted_per_position": s.drafted_per_position,
+            "accepted_per_position": s.accepted_per_position,
+            "acceptance_histogram": s.acceptance_histogram,
+            "mean_acceptance_length": s.mean_acceptance_length if cell.method.drafts else None,
+        }
+        if hook is not None:
+            row["expected_accepted"] = hook.expected
+            row["expected_accepted_var"] = hook.variance
+            row["law_steps"] = hook.steps
+        return row
+
+    def _run_hf(self, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
+        model = _hf_module(self.target)
+        inp = torch.tensor([ids], dtype=torch.long, device=model.device)
+        kw: dict[str, Any] = {
+            "input_ids": inp,
+            "attention_mask": torch.ones_like(inp),
+            "max_new_tokens": max_new,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.eos_token_id,
+        }
+        if cell.temperature > 0:
+            kw.update(do_sample=True, temperature=cell.temperature, top_k=0, top_p=self.cfg.top_p)
+        else:
+            kw.update(do_sample=False)
+        if cell.method.kind == "hf-ngram":
+            kw.update(prompt_lookup_num_tokens=cell.gamma, max_matching_ngram_size=HF_PLD_MAX_NGRAM)
+        else:
+            assistant = _hf_module(self.drafts[cell.method.path])
+            # HF reads these from the assistant's generation_config; pass them both ways
+            gc = assistant.generation_config
+            gc.num_assistant_tokens = cell.gamma
+            gc.num_assistant_tokens_schedule = "constant"
+            gc.assistant_confidence_threshold = 0.0
+            kw.update(
+                assistant_model=assistant,
+                num_assistant_tokens=cell.gamma,
+                num_assistant_tokens_schedule="constant",
+                assistant_confidence_threshold=0.0,
+            )
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**kw)
+        t_call = time.perf_counter() - t0
+        new = out[0, inp.shape[1] :].tolist()
+        finish = "eos" if new and self.eos_token_id is not None and new[-1] == self.eos_token_id else "length"
+        return {
+            "new_tokens": len(new),
+            "finish_reason": finish,
+            "token_ids": new,
+            "time_s": t_call,
+            "time_call_s": t_call,
+            "time_analysis_s": 0.0,
+            "times": None,
+            "target_forwards": None,
+            "mean_acceptance_length": None,
+        }
+
+
+def _seed(cfg: BenchConfig, prompt_index: int, repeat: int) -> int:
+    return cfg.seed + 100_003 * repeat + prompt_index
+
+
+def run_bench(
+    cfg: BenchConfig,
+    target,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    drafts: dict[str, Any] | None = None,
+    target_name: str = "target",
+    progress: bool = True,
+) -> dict:
+    """Run the matrix on ``target`` and return ``{"config", "rows", "errors", "timing", ...}``.
+
+    ``drafts`` maps each draft path of ``cfg.methods`` to its loaded HFModel. Raises BenchError
+    for unusable input (found before anything runs)."""
+    from tqdm import tqdm
+
+    drafts = dict(drafts or {})
+    if any(m.hf for m in cfg.methods) and _hf_module(target) is None:
+        raise BenchError("hf-ngram / hf-draft need a transformers target (HFModel); this target has none")
+    for m in cfg.methods:
+        if m.kind in ("draft", "hf-draft"):
+            d = drafts.get(m.path)
+            if d is None:
+                raise BenchError(f"method {m.name}: draft model {m.path!r} was not loaded")
+            if d.vocab_size != target.vocab_size:
+                raise BenchError(
+                    f"method {m.name}: the draft's vocabulary has {d.vocab_size} tokens but the "
+                    f"target's has {target.vocab_size}; a draft must share the target's tokenizer"
+                )
+            if m.kind == "hf-draft" and _hf_module(d) is None:
+                raise BenchError(f"method {m.name}: the draft is not a transformers model")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    encoded: list[tuple[Prompt, list[int]]] = []
+    errors: list[dict] = []
+    for p in prompts:
+        ids = encode_prompt(tokenizer, p)
+        problem = None
+        if not ids:
+            problem = "the prompt encodes to no tokens"
+        elif len(ids) >= target.max_length:
+            problem = f"{len(ids)} tokens exceed the target's context of {target.max_length}"
+        if problem:
+            if cfg.on_error == "raise":
+                raise BenchError(f"prompt {p.id} ({p.category}): {problem} (--on-error skip skips it)")
+            print(f"hierspec bench: warning: skipping prompt {p.id}: {problem}", file=sys.stderr)
+            errors.append({"prompt_id": p.id, "category": p.category, "stage": "encode", "error": problem})
+            continue
+        encoded.append((p, ids))
+    if not encoded:
+        raise BenchError("no usable prompts")
+    cells = plan_cells(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    runner = Runner(cfg, target, eos, drafts)
+    rows: list[dict] = []
+    n_timed = len(encoded) * cfg.repeats * len(cells)
+    bar = tqdm(
+        total=n_timed + cfg.warmup * len(cells),
+        desc="hierspec bench",
+        unit="run",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    rss_start = _maxrss_mb()
+    t_gen = 0.0
+    t_analysis = 0.0
+    t_warm = 0.0
+    warm_rss: dict[tuple[str, float], float] = {}
+    t_wall0 = time.perf_counter()
+    try:
+        first_ids = encoded[0][1]
+        for w in range(cfg.warmup):
+            for cell in cells:
+                t0 = time.perf_counter()
+                row = runner.run(
+                    cell, first_ids, _seed(cfg, 0, -1 - w), min(WARMUP_TOKENS, cfg.max_new_tokens), False
+                )
+                t_warm += time.perf_counter() - t0
+                key = (cell.label, cell.temperature)
+                warm_rss[key] = warm_rss.get(key, 0.0) + row["rss_peak_raise_mb"]
+                bar.update()
+        for i, (p, ids) in enumerate(encoded):
+            for rep in range(cfg.repeats):
+                seed = _seed(cfg, i, rep)
+                k = (i + rep) % len(cells)
+                for cell in cells[k:] + cells[:k]:  # rotate the order per prompt
+                    base = {
+                        "prompt_id": p.id,
+                        "category": p.category,
+                        "prompt_tokens": len(ids),
+                        "repeat": rep,
+                        "seed": seed,
+                        "method": cell.method.name,
+                        "kind": cell.method.kind,
+                        "label": cell.label,
+                        "temperature": cell.temperature,
+                        "gamma": cell.gamma,
+                        "rule": cell.rule,
+                    }
+                    try:
+                        row = runner.run(cell, ids, seed, cfg.max_new_tokens, cfg.expected_acceptance)
+                    except Exception as err:
+                        if cfg.on_error == "raise":
+                            raise
+                        print(
+                            f"hierspec bench: warning: {cell.label} on {p.id} failed: {err}", file=sys.stderr
+                        )
+                        errors.append({**base, "stage": "generate", "error": f"{type(err).__name__}: {err}"})
+                        bar.update()
+                        continue
+                    t_gen += row["time_call_s"]
+                    t_analysis += row["time_analysis_s"]
+                    row["tokens_per_s"] = row["new_tokens"] / row["time_s"] if row["time_s"] > 0 else 0.0
+                    rows.append({**base, **row})
+                    bar.update()
+    finally:
+        bar.close()
+        runner.close()
+    wall = time.perf_counter() - t_wall0
+    _mark_identity(rows)
+    inside = t_gen + t_warm
+    timing = {
+        "wall_s": wall,
+        "generation_calls_s": inside - t_analysis,
+        "warmup_calls_s": t_warm,
+        "analysis_s": t_analysis,
+        "harness_s": wall - inside,
+        "harness_overhead_pct": 100.0 * (wall - inside) / wall if wall > 0 else 0.0,
+        "analysis_pct": 100.0 * t_analysis / wall if wall > 0 else 0.0,
+    }
+    return {
+        "config": cfg.to_dict(),
+        "target": target_name,
+        "cells": [
+            {
+                "label": c.label,
+                "method": c.method.name,
+                "kind": c.method.kind,
+                "temperature": c.temperature,
+                "gamma": c.gamma,
+                "rule": c.rule,
+            }
+            for c in cells
+        ],
+        "num_prompts": len(encoded),
+        "rows": rows,
+        "errors": errors,
+        "timing": timing,
+        "memory": {
+            "method": "resource.getrusage(RUSAGE_SELF).ru_maxrss (process-wide peak RSS; "
+            "tracemalloc is not used because it does not see torch's allocations)",
+            "peak_rss_mb_before_runs": rss_start,
+            "peak_rss_mb_end": _maxrss_mb(),
+            "warmup_rss_raise_mb": [
+                {"label": k[0], "temperature": k[1], "mb": v} for k, v in warm_rss.items()
+            ],
+        },
+    }
+
+
+def _mark_identity(rows: list[dict]) -> None:
+    """``identical_to_ar`` for greedy rows: same token ids as hierspec AR on that prompt/repeat."""
+    ar = {
+        (r["prompt_id"], r["repeat"]): r["token_ids"]
+        for r in rows
+        if r["kind"] == "ar" and r["temperature"] == 0
+    }
+    for r in rows:
+        ref = ar.get((r["prompt_id"], r["repeat"]))
+        ok = r["temperature"] == 0 and r["kind"] != "ar" and ref is not None
+        r["identical_to_ar"] = (r["token_ids"] == ref) if ok else None
+
+
+# ------------------------------------------------------------------------------------ machine
+def machine_info() -> dict:
+    """CPU model and capability, core count, library versions."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        capability = "unknown"
+    try:
+        import transformers
+
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    from .. import __version__ as hs_version
+
+    return {
+        "cpu": cpu or "unknown",
+        "cpu_capability": capability,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "hierspec": hs_version,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+# ------------------------------------------------------------------------------------ main
+def load_draft(path: str, dtype: torch.dtype):
+    """A draft model: a transformers directory or a ``.gguf`` file -> HFModel."""
+    from ..models import HFModel
+
+    if path.endswith(".gguf"):
+        return HFModel.from_pretrained(
+            os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype=dtype
+        )
+    return HFModel.from_pretrained(path, dtype=dtype)
+
+
+def prepare(argv: Sequence[str]) -> tuple[BenchConfig, list[Prompt], bool]:
+    """Parse and validate everything that can be checked without loading a model."""
+    args = build_parser().parse_args(list(argv))
+    cfg = config_from_args(args)
+    check_output_dir(cfg.out)
+    prompts = load_prompts(cfg)
+    return cfg, prompts, not args.no_progress
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``hierspec bench ...``: 0 on success, 2 on bad input (one line on stderr)."""
+    from .report import format_summary, plots_available, write_report
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, prompts, progress = prepare(argv)
+        if not plots_available():
+            print("hierspec bench: warning: matplotlib is not installed; no PNG plots", file=sys.stderr)
+        dtype = getattr(torch, cfg.dtype)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        from ..models import load_smollm2
+
+        t0 = time.perf_counter()
+        try:
+            target, tok = load_smollm2(dtype)
+            drafts = {}
+            for m in cfg.methods:
+                if m.path and m.path not in drafts:
+                    drafts[m.path] = load_draft(m.path, dtype)
+        except (OSError, ValueError, ImportError) as err:
+            raise BenchError(f"loading models: {err}") from None
+        load_s = time.perf_counter() - t0
+        results = run_bench(
+            cfg, target, tok, prompts, drafts=drafts, target_name="SmolLM2-135M-Instruct", progress=progress
+        )
+        results["timing"]["model_load_s"] = load_s
+        results["machine"] = machine_info()
+        files = write_report(results, cfg.out)
+    except BenchError as err:
+        print(f"hierspec: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(results))
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "Cell",
+    "MethodSpec",
+    "check_output_dir",
+    "config_from_args",
+    "load_prompts",
+    "machine_info",
+    "main",
+    "parse_method",
+    "plan_cells",
+    "prepare",
+    "run_bench",
+]

@@ -1,0 +1,235 @@
+"""``hierspec train-draft``: prepare data, cache the teacher, pick the vocabulary, distil, export.
+
+Every stage resumes: token shards and teacher files already on disk are kept, and ``--resume``
+continues training from ``OUT/checkpoint.pt`` (the model comes from the checkpoint then; the
+size flags are ignored). Outputs in ``--out``::
+
+    data/                   token shards, teacher top-k, eval set (or --data-dir, shareable
+                            between runs with the same data parameters)
+    vocab.json              the reduced vocabulary and its coverage
+    checkpoint.pt           resumable training state
+    train_log.jsonl         training / eval metrics
+    draft.safetensors       (standalone) or early_exit.safetensors: the small exported file
+    summary.json            throughputs and final metrics
+
+`main(argv)` loads the embedded SmolLM2 as target; `run(args, target, tokenizer)` takes any
+transformers causal LM (or HFModel) and tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hierspec.models.draft import DraftConfig, DraftLM, target_identity
+from hierspec.models.early_exit import EarlyExitConfig, EarlyExitDraft, EarlyExitHead, build_early_exit
+from hierspec.train.data import DataConfig, DataError, build_eval_set, codec_from_tokenizer, prepare_data
+from hierspec.train.distill import (
+    CheckpointError,
+    Evaluator,
+    TrainConfig,
+    TrainError,
+    export_student,
+    init_draft_from_target,
+    load_checkpoint,
+    train,
+)
+from hierspec.train.teacher import cache_teacher
+from hierspec.train.vocab import count_tokens, select_vocab, vocab_coverage
+
+DEFAULT_DATA = "raw:stdlib@1M,raw:shakespeare@500k,gen:sharegpt@3000"
+DEFAULT_EVAL = "gen:sharegpt@16"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hierspec train-draft",
+        description="Distil a draft model for the embedded SmolLM2 (standalone or early-exit head).",
+    )
+    ap.add_argument("--kind", required=True, choices=["standalone", "early-exit"])
+    ap.add_argument("--out", required=True, type=Path, help="output directory")
+    g = ap.add_argument_group("data")
+    g.add_argument("--data", default=DEFAULT_DATA, help=f"training sources (default {DEFAULT_DATA})")
+    g.add_argument("--data-dir", type=Path, default=None, help="data directory (default OUT/data)")
+    g.add_argument("--eval", default=DEFAULT_EVAL, help="held-out eval sources, or 'none'")
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--shard-rows", type=int, default=128)
+    g.add_argument("--gen-max-new", type=int, default=192, help="max response tokens for gen: sources")
+    g.add_argument("--gen-temperature", type=float, default=0.0, help="0 = greedy responses")
+    g.add_argument("--gen-batch", type=int, default=16)
+    g.add_argument("--topk", type=int, default=64, help="teacher top-k cached per position")
+    g.add_argument("--teacher-batch", type=int, default=4, help="rows per teacher forward")
+    g.add_argument("--prepare-only", action="store_true", help="stop after data + teacher caching")
+    m = ap.add_argument_group("model")
+    m.add_argument("--vocab", type=int, default=8192, help="reduced vocabulary R (0 = full / tied head)")
+    m.add_argument("--layers", type=int, default=2, help="standalone: decoder layers")
+    m.add_argument("--d-model", type=int, default=256)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--kv-heads", type=int, default=None)
+    m.add_argument("--d-ff", type=int, default=None)
+    m.add_argument("--no-init-from-target", action="store_true", help="standalone: random embeddings")
+    m.add_argument("--exit-layer", type=int, default=4, help="early-exit: target layers kept")
+    m.add_argument("--adapter-dim", type=int, default=0, help="early-exit: residual adapter width")
+    t = ap.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--ce-weight", type=float, default=0.1, help="hard-label CE share of the loss")
+    t.add_argument("--ckpt-every", type=int, default=100)
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--gamma", type=int, default=5, help="block size of the simulated acceptance length")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--export-dtype", choices=["float16", "bfloat16"], default="float16")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    t.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _student_from_checkpoint(ck: dict[str, Any], target: Any) -> DraftLM | EarlyExitDraft:
+    desc, state = ck["student"], ck["model_state"]
+    vm = state.get("vocab_map")
+    if desc["kind"] == "standalone":
+        return DraftLM(DraftConfig.from_dict(desc["config"]), vm)
+    head = EarlyExitHead(EarlyExitConfig.from_dict(desc["config"]), vm)
+    return EarlyExitDraft(target, head)
+
+
+def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]:
+    """The whole pipeline on ``target`` (see module docstring); returns the summary."""
+    from hierspec.models.hf import HFModel
+
+    hf = target.model if isinstance(target, HFModel) else target
+    hf.eval()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = args.data_dir or out / "data"
+    progress = not args.no_progress
+    vocab_size = int(hf.get_output_embeddings().weight.shape[0])
+    codec = codec_from_tokenizer(tokenizer, vocab_size)
+    identity = target_identity(hf, tokenizer, name=getattr(args, "target_name", None))
+    summary: dict[str, Any] = {"kind": args.kind, "data_dir": str(data_dir)}
+
+    t0 = time.perf_counter()
+    dcfg = DataConfig(
+        sources=args.data,
+        seq_len=args.seq_len,
+        shard_rows=args.shard_rows,
+        gen_max_new_tokens=args.gen_max_new,
+        gen_temperature=args.gen_temperature,
+        gen_batch_size=args.gen_batch,
+        seed=args.seed,
+    )
+    summary["data"] = prepare_data(data_dir, dcfg, codec, hf, progress=progress)
+    summary["data"]["seconds"] = time.perf_counter() - t0
+    eval_rows = None
+    if args.eval and args.eval != "none":
+        eval_rows = build_eval_set(data_dir / "eval.safetensors", args.eval, codec, hf, seq_len=args.seq_len)
+    summary["teacher"] = cache_teacher(
+        hf, data_dir, k=args.topk, batch_rows=args.teacher_batch, progress=progress
+    )
+    if args.prepare_only:
+        return summary
+
+    ckpt_path = out / "checkpoint.pt"
+    resuming = args.resume and ckpt_path.exists()
+    if resuming:
+        ck = load_checkpoint(ckpt_path)
+        student = _student_from_checkpoint(ck, hf)
+        cfg = TrainConfig.from_dict({**ck["train_config"], "steps": args.steps})
+        vocab_map = student.vocab_map
+    else:
+        counts = count_tokens(data_dir, vocab_size)
+        vocab_map = None
+        if args.vocab:
+            vocab_map = select_vocab(counts, min(args.vocab, vocab_size), codec.special_ids)
+            report = vocab_coverage(data_dir, vocab_map, vocab_size, counts=counts)
+            (out / "vocab.json").write_text(json.dumps({**report, "ids": vocab_map.tolist()}))
+            summary["vocab"] = report
+        elif args.kind == "standalone":
+            raise SystemExit("a standalone draft needs --vocab R > 0")
+        if args.kind == "standalone":
+            config = DraftConfig(
+                vocab_size=vocab_size,
+                n_vocab=int(vocab_map.numel()),
+                n_layer=args.layers,
+                d_model=args.d_model,
+                n_head=args.heads,
+                n_kv_head=args.kv_heads,
+                d_ff=args.d_ff,
+                rope_theta=float(getattr(hf.config, "rope_theta", None) or 1e5),
+                max_length=int(hf.config.max_position_embeddings),
+            )
+            student = DraftLM(config, vocab_map, seed=args.seed)
+            if not args.no_init_from_target:
+                init_draft_from_target(student, hf)
+        else:
+            student = build_early_exit(hf, args.exit_layer, vocab_map=vocab_map, adapter_dim=args.adapter_dim)
+        cfg = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            ce_weight=args.ce_weight,
+            ckpt_every=args.ckpt_every,
+            eval_every=args.eval_every,
+            seed=args.seed,
+        )
+    evaluator = None
+    if eval_rows is not None:
+        evaluator = Evaluator(hf, *eval_rows, gamma=args.gamma)
+        if not resuming:
+            summary["eval_step0"] = evaluator(student)
+    summary["train"] = train(
+        student, data_dir, out, cfg, resume=args.resume, evaluator=evaluator, progress=progress
+    )
+    if evaluator is not None:
+        summary["eval_final"] = evaluator(student)
+    name = "draft.safetensors" if args.kind == "standalone" else "early_exit.safetensors"
+    info = {"steps": cfg.steps, "data": args.data, "eval": summary.get("eval_final")}
+    summary["export"] = str(
+        export_student(student, out / name, identity, dtype=getattr(torch, args.export_dtype), info=info)
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hierspec train-draft`` (argv without the sub-command name)."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        from hierspec.models.smollm2 import load_smollm2
+
+        target, tokenizer = load_smollm2(torch.float32)
+        args.target_name = "SmolLM2-135M-Instruct"
+        summary = run(args, target, tokenizer)
+    except (DataError, TrainError, CheckpointError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"hierspec train-draft: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {k: v for k, v in summary.items() if k != "train"}
+            | {"train": {k: v for k, v in summary.get("train", {}).items() if k != "history"}},
+            indent=1,
+            default=str,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
