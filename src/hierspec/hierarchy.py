@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .drafters.base import Draft, Drafter
+from .drafters.base import Draft, Drafter, sync_cache
 from .models.base import LanguageModel
 from .sampling import SamplingParams
 from .stats import SpecStats
@@ -62,14 +62,6 @@ class SpeculativeDrafter:
         self._fed = torch.zeros(0, dtype=torch.long)
         self.stats = SpecStats()
 
-    def _sync(self, ctx: torch.Tensor) -> None:
-        """Make the cache hold ctx[:-1]: crop to the common prefix, feed the gap."""
-        n = min(self._fed.numel(), ctx.numel() - 1)
-        lcp = int((self._fed[:n] == ctx[:n]).long().cumprod(0).sum()) if n else 0
-        self.model.crop(lcp)
-        if ctx.numel() - 1 > lcp:
-            self.model.forward(ctx[None, lcp:-1].to(self.model.device))
-
     def _step(
         self, local: torch.Tensor, k_max: int, params: SamplingParams, generator: torch.Generator | None
     ) -> StepResult:
@@ -90,7 +82,7 @@ class SpeculativeDrafter:
         if num_tokens <= 0:
             return Draft.empty(1, context.device)
         local = context.cpu()
-        self._sync(local[0])
+        sync_cache(self.model, self._fed, local[0], local.shape[1] - 1)
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         while len(tokens) < num_tokens:

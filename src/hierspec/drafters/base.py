@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..models.base import ForwardOutput, LanguageModel
 from ..sampling import SamplingParams
 
 
@@ -55,3 +56,18 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget all state (start of a new generation)."""
         ...
+
+
+def sync_cache(model: LanguageModel, fed: torch.Tensor, ctx: torch.Tensor, upto: int) -> ForwardOutput | None:
+    """Bring a cache that holds the tokens `fed` [n] to hold ctx[:upto] (ctx [L], upto <= L).
+
+    Crops to the longest common prefix of `fed` and ctx (never past L - 1, so the last context
+    token is always re-fed when upto = L) and forwards ctx[lcp:upto]; returns that forward's
+    output, or None if nothing was fed. The caller records ctx[:upto] as its new `fed`.
+    """
+    n = min(fed.numel(), upto, ctx.numel() - 1)
+    lcp = int((fed[:n] == ctx[:n]).long().cumprod(0).sum()) if n > 0 else 0
+    model.crop(lcp)
+    if upto > lcp:
+        return model.forward(ctx[None, lcp:upto].to(model.device))
+    return None

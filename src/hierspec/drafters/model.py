@@ -14,7 +14,7 @@ import torch
 
 from ..models.base import LanguageModel
 from ..sampling import SamplingParams, categorical, process_logits
-from .base import Draft
+from .base import Draft, sync_cache
 
 
 class ModelDrafter:
@@ -31,11 +31,7 @@ class ModelDrafter:
 
     def _sync(self, ctx: torch.Tensor) -> torch.Tensor:
         """Crop the cache to the common prefix with ctx [L]; return the logits row after ctx."""
-        n = min(self._fed.numel(), ctx.numel() - 1)  # always re-feed at least the last token
-        same = (self._fed[:n] == ctx[:n]).long().cumprod(0).sum()
-        lcp = int(same) if n else 0
-        self.model.crop(lcp)
-        out = self.model.forward(ctx[None, lcp:].to(self.model.device))
+        out = sync_cache(self.model, self._fed, ctx, ctx.numel())
         self._fed = ctx.clone()
         return out.logits[0, -1]
 
