@@ -2,11 +2,17 @@
 ``prompt_lookup_num_tokens`` and vLLM's ``ngram`` method.
 
 For n from `max_ngram` down to `min_ngram`: if the last n tokens of the context occurred earlier,
-propose the tokens that followed their most recent earlier occurrence. An incremental index maps
-every n-gram to the latest position it ended at (among positions that have a continuation), so
-a lookup costs O(max_ngram) per step instead of a scan of the context; the index is extended with
-the newly committed tokens each step and rebuilt when the context is not an extension of the
-last one. Batch size 1 (rows of a batch would each need an index).
+propose the tokens that followed their most recent earlier occurrence — unless that occurrence
+is so close to the end that fewer than `num_tokens` tokens follow it, in which case the earliest
+occurrence (the longest continuation) is used. Taking the latest match alone proposed a single
+token on repetitive text (its continuation runs into the end of the context), which cost 60 %
+more target forwards than HF's earliest-match lookup on HumanEval/1.
+
+An incremental index maps every n-gram to the first and the latest position it ended at (among
+positions that have a continuation), so a lookup costs O(max_ngram) per step instead of a scan of
+the context; the index is extended with the newly committed tokens each step and rebuilt when
+the context is not an extension of the last one. Batch size 1 (rows of a batch would each need an
+index).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ class NgramDrafter:
 
     def reset(self) -> None:
         self._tokens: list[int] = []
-        self._index: dict[tuple[int, ...], int] = {}
+        self._first: dict[tuple[int, ...], int] = {}
+        self._latest: dict[tuple[int, ...], int] = {}
 
     def _extend(self, ctx: list[int]) -> None:
         n_old = len(self._tokens)
@@ -46,7 +53,9 @@ class NgramDrafter:
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if e - n + 1 < 0:
                     break
-                self._index[tuple(ctx[e - n + 1 : e + 1])] = e
+                key = tuple(ctx[e - n + 1 : e + 1])
+                self._first.setdefault(key, e)
+                self._latest[key] = e
 
     def propose(
         self,
@@ -62,8 +71,11 @@ class NgramDrafter:
         self._extend(ctx)
         if num_tokens > 0:
             for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):
-                end = self._index.get(tuple(ctx[-n:]))
+                key = tuple(ctx[-n:])
+                end = self._latest.get(key)
                 if end is not None:
+                    if len(ctx) - 1 - end < num_tokens:
+                        end = self._first[key]
                     cont = ctx[end + 1 : end + 1 + num_tokens]
                     return Draft(torch.tensor([cont], dtype=torch.long, device=context.device))
         return Draft.empty(1, context.device)
