@@ -35,3 +35,44 @@ def test_generate_unknown_choices(capsys, extra):
         main(["generate", "--prompt", "hi", *extra])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        ([], "needs --levels"),
+        (["--levels", "a,ngram"], "'ngram' can only be the bottom level"),
+        (["--levels", "ngram"], "at least one draft model"),
+        (["--levels", "ngram,a,b", "--gammas", "3"], "expected 2 integers >= 1"),
+        (["--levels", "a", "--gammas", "x"], "expected comma-separated integers"),
+    ],
+)
+def test_hierarchy_level_errors(capsys, extra, msg):
+    assert main(["generate", "--prompt", "hi", "--method", "hierarchy", "--json", *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and msg in err
+
+
+def test_plan_from_calibration_file(tmp_path, capsys):
+    from hierspec.calibrate import Calibration
+
+    cal = Calibration(
+        names=["small", "mid", "target"],
+        fingerprints=["a", "b", "c"],
+        sizes=[1, 8],
+        costs=[[0.002, 0.003], [0.01, 0.02], [0.1, 0.2]],
+        alpha=[[1, 0.7, 0.5], [0.7, 1, 0.8], [0.5, 0.8, 1]],
+        alpha_lo=[[1, 0.6, 0.4], [0.6, 1, 0.7], [0.4, 0.7, 1]],
+        alpha_hi=[[1, 0.8, 0.6], [0.8, 1, 0.9], [0.6, 0.9, 1]],
+        sampling="T=1",
+        context=256,
+        num_prompts=8,
+    )
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    assert main(["plan", "--calibration", str(path), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "-> target" in out and "predicted speed-up" in out
+    path.write_text("{")
+    assert main(["plan", "--calibration", str(path)]) == 2
+    assert "unreadable or malformed" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command line: ``hierspec generate | bench | bench-verify | train-draft``.
+"""Command line: ``hierspec generate | calibrate | plan | bench | bench-verify | train-draft``.
 
     hierspec generate --prompt "Write a haiku about the sea." --chat --compare
     hierspec generate --prompt "def fib(n):" --method ngram --rule block --json
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-METHODS = ("ar", "draft", "ngram")
+METHODS = ("ar", "draft", "ngram", "hierarchy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -43,8 +43,20 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--draft",
         default=None,
-        help="draft model for --method draft: a transformers model directory or a "
-        ".gguf file sharing the target's tokenizer",
+        help="draft model for --method draft: a hierspec draft (.safetensors), a transformers "
+        "model directory or a .gguf file sharing the target's tokenizer",
+    )
+    g.add_argument(
+        "--levels",
+        default=None,
+        help="--method hierarchy: draft levels bottom first, comma-separated: 'ngram' (bottom only) "
+        "or a draft path; the target is the top",
+    )
+    g.add_argument(
+        "--gammas",
+        default=None,
+        help="--method hierarchy: tokens each draft model's own drafter proposes per step, one per "
+        "draft model (default 3); the target uses --gamma",
     )
     g.add_argument(
         "--rule",
@@ -68,39 +80,89 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     g.add_argument("--compare", action="store_true", help="also run plain decoding and report the speed-up")
+    c = sub.add_parser("calibrate", help="measure costs and pairwise acceptance for the planner")
+    c.add_argument("--levels", required=True, help="draft model paths, cheapest first (the target is added)")
+    c.add_argument("--out", required=True, help="calibration JSON to write")
+    c.add_argument("--set", default="chat", help="prompt set (code, chat, prose, specbench:PATH)")
+    c.add_argument("--n", type=int, default=8, help="calibration prompts")
+    c.add_argument("--new-tokens", type=int, default=64, help="target-sampled tokens per prompt")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p = sub.add_parser("plan", help="rank hierarchies by the latency model from a calibration file")
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--n-max", type=int, default=8, help="largest batch length per level")
+    p.add_argument("--top", type=int, default=5)
     sub.add_parser("bench", help="benchmark matrix with HF peers and a report (--help for options)")
     sub.add_parser("bench-verify", help="micro-benchmark of the verification rules (--help for options)")
     sub.add_parser("train-draft", help="distil a draft or early-exit head (--help for options)")
     return ap
 
 
+def _load_level(spec: str, target, dtype: torch.dtype):
+    """A draft level from its CLI spec: a hierspec draft file (.safetensors), a transformers
+    directory or a .gguf file; its vocabulary must be the target's."""
+    import os
+
+    from .models import HFModel
+
+    if not os.path.exists(spec):
+        raise CliError(f"draft {spec!r} does not exist")
+    if spec.endswith(".safetensors"):
+        from .models.draft import load_draft
+
+        model = load_draft(spec, dtype=dtype)
+    elif spec.endswith(".gguf"):
+        model = HFModel.from_pretrained(
+            os.path.dirname(spec) or ".", gguf_file=os.path.basename(spec), dtype=dtype
+        )
+    else:
+        model = HFModel.from_pretrained(spec, dtype=dtype)
+    if model.vocab_size != target.vocab_size:
+        raise CliError(
+            f"draft {spec!r}: its vocabulary has {model.vocab_size} tokens but the target's "
+            f"has {target.vocab_size}; a draft must share the target's tokenizer"
+        )
+    return model
+
+
+def _parse_levels(levels: str | None, gammas: str | None) -> tuple[list[str], list[int]]:
+    """Validate --levels/--gammas before any model is loaded."""
+    if not levels:
+        raise CliError(
+            "--method hierarchy needs --levels (no trained drafts are shipped yet, so "
+            "there is no planned default stack)"
+        )
+    specs = [x.strip() for x in levels.split(",") if x.strip()]
+    if "ngram" in specs[1:]:
+        raise CliError("--levels: 'ngram' can only be the bottom level")
+    n_models = len(specs) - (specs[0] == "ngram")
+    if n_models < 1:
+        raise CliError("--levels: give at least one draft model (e.g. ngram,PATH)")
+    try:
+        gs = [int(x) for x in gammas.split(",")] if gammas else [3] * n_models
+    except ValueError:
+        raise CliError(f"--gammas: expected comma-separated integers, got {gammas!r}") from None
+    if len(gs) != n_models or min(gs) < 1:
+        raise CliError(f"--gammas: expected {n_models} integers >= 1 (one per draft model), got {gammas!r}")
+    return specs, gs
+
+
 def _make_drafter(args, target):
     from .drafters import ModelDrafter, NgramDrafter
-    from .models import HFModel
+    from .hierarchy import build_hierarchy
 
     if args.method == "ar":
         return None
     if args.method == "ngram":
         return NgramDrafter()
+    if args.method == "hierarchy":
+        specs, gammas = _parse_levels(args.levels, args.gammas)
+        bottom = NgramDrafter() if specs[0] == "ngram" else None
+        models = [_load_level(p, target, DTYPES[args.dtype]) for p in specs[bottom is not None :]]
+        return build_hierarchy(models, bottom, rules=args.rule, gammas=gammas)
     if not args.draft:
         raise CliError("--method draft needs --draft PATH (no trained draft is shipped yet)")
-    import os
-
-    path = args.draft
-    if not os.path.exists(path):
-        raise CliError(f"--draft: {path!r} does not exist")
-    if path.endswith(".gguf"):
-        model = HFModel.from_pretrained(
-            os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype=DTYPES[args.dtype]
-        )
-    else:
-        model = HFModel.from_pretrained(path, dtype=DTYPES[args.dtype])
-    if model.vocab_size != target.vocab_size:
-        raise CliError(
-            f"--draft: its vocabulary has {model.vocab_size} tokens but the target's has "
-            f"{target.vocab_size}; a draft must share the target's tokenizer"
-        )
-    return ModelDrafter(model)
+    return ModelDrafter(_load_level(args.draft, target, DTYPES[args.dtype]))
 
 
 def _generate(args) -> int:
@@ -120,6 +182,8 @@ def _generate(args) -> int:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt.strip():
         raise CliError("--prompt is empty")
+    if args.method == "hierarchy":
+        _parse_levels(args.levels, args.gammas)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     target, tok = load_smollm2(DTYPES[args.dtype])
@@ -216,6 +280,65 @@ def _generate(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    from .bench.prompts import load_prompt_set
+    from .calibrate import calibrate
+    from .models import load_smollm2
+    from .sampling import SamplingParams
+
+    specs = [x.strip() for x in args.levels.split(",") if x.strip()]
+    if not specs or "ngram" in specs:
+        raise CliError("--levels: give draft model paths (n-gram has no distribution to calibrate)")
+    if args.n < 1 or args.new_tokens < 1:
+        raise CliError("--n and --new-tokens must be >= 1")
+    params = SamplingParams(temperature=args.temperature)
+    prompts = load_prompt_set(args.set, n=args.n)
+    target, tok = load_smollm2(DTYPES[args.dtype])
+    models = [_load_level(p, target, DTYPES[args.dtype]) for p in specs] + [target]
+    ids = []
+    for pr in prompts:
+        if pr.chat:
+            enc = tok.apply_chat_template(
+                [{"role": "user", "content": pr.text}], add_generation_prompt=True, tokenize=True
+            )
+            ids.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+        else:
+            ids.append(tok(pr.text)["input_ids"])
+    cal = calibrate(models, [*specs, "target"], ids, params=params, new_tokens=args.new_tokens)
+    cal.save(args.out)
+    print(f"wrote {args.out}")
+    for i, name in enumerate(cal.names):
+        costs = ", ".join(f"n={n}: {1e3 * c:.1f} ms" for n, c in zip(cal.sizes, cal.costs[i], strict=True))
+        print(
+            f"{name}: {costs}; alpha vs target {cal.alpha[i][-1]:.3f} "
+            f"[{cal.alpha_lo[i][-1]:.3f}, {cal.alpha_hi[i][-1]:.3f}]"
+        )
+    return 0
+
+
+def _plan(args) -> int:
+    from .calibrate import Calibration
+    from .planner import plan
+
+    if args.n_max < 1 or args.top < 1:
+        raise CliError("--n-max and --top must be >= 1")
+    try:
+        cal = Calibration.load(args.calibration)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    ranked = plan(cal.alpha_matrix(), cal.cost, n_max=args.n_max, top=args.top)
+    print(f"calibration: {args.calibration} ({cal.sampling}, {cal.num_prompts} prompts)")
+    print("| rank | hierarchy (bottom -> target) | batch lengths | predicted ms/token | predicted speed-up |")
+    print("|---|---|---|---|---|")
+    for r, pl in enumerate(ranked, 1):
+        chain = " -> ".join(cal.names[i] for i in pl.chain)
+        print(
+            f"| {r} | {chain} | {','.join(map(str, pl.batches)) or '-'} | {1e3 * pl.latency:.1f} "
+            f"| {pl.speedup:.2f}x |"
+        )
+    return 0
+
+
 #: subcommands that own their argument parser: name -> module with main(argv)
 DELEGATED = {
     "bench": "hierspec.bench.harness",
@@ -235,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
+        if args.command == "plan":
+            return _plan(args)
     except (CliError, ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"hierspec: error: {err}", file=sys.stderr)
         return 2
