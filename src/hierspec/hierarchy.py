@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .drafters.base import Draft, Drafter, sync_cache
+from .drafters.base import Draft, Drafter, check_context, sync_cache
 from .models.base import LanguageModel
 from .sampling import SamplingParams
 from .stats import SpecStats
@@ -76,8 +76,7 @@ class SpeculativeDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        if context.dim() != 2 or context.shape[0] != 1:
-            raise ValueError(f"context: expected shape [1, L], got {tuple(context.shape)}")
+        check_context(context)
         num_tokens = min(num_tokens, self.model.max_length - context.shape[1])
         if num_tokens <= 0:
             return Draft.empty(1, context.device)

@@ -58,6 +58,12 @@ class Drafter(Protocol):
         ...
 
 
+def check_context(context: torch.Tensor) -> None:
+    """Drafters work at batch size 1: `context` must be [1, L]."""
+    if context.dim() != 2 or context.shape[0] != 1:
+        raise ValueError(f"context: expected shape [1, L], got {tuple(context.shape)}")
+
+
 def sync_cache(model: LanguageModel, fed: torch.Tensor, ctx: torch.Tensor, upto: int) -> ForwardOutput | None:
     """Bring a cache that holds the tokens `fed` [n] to hold ctx[:upto] (ctx [L], upto <= L).
 

@@ -14,7 +14,7 @@ import torch
 
 from ..models.base import LanguageModel
 from ..sampling import SamplingParams, categorical, process_logits
-from .base import Draft, sync_cache
+from .base import Draft, check_context, sync_cache
 
 
 class ModelDrafter:
@@ -42,8 +42,7 @@ class ModelDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        if context.dim() != 2 or context.shape[0] != 1:
-            raise ValueError(f"context: expected shape [1, L], got {tuple(context.shape)}")
+        check_context(context)
         if num_tokens <= 0:
             return Draft.empty(1, context.device)
         room = self.model.max_length - context.shape[1]

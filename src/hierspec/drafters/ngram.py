@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling import SamplingParams
-from .base import Draft
+from .base import Draft, check_context
 
 
 class NgramDrafter:
@@ -65,8 +65,7 @@ class NgramDrafter:
         generator: torch.Generator | None = None,
     ) -> Draft:
         del params, generator  # deterministic
-        if context.dim() != 2 or context.shape[0] != 1:
-            raise ValueError(f"context: expected shape [1, L], got {tuple(context.shape)}")
+        check_context(context)
         ctx = context[0].tolist()
         self._extend(ctx)
         if num_tokens > 0:
