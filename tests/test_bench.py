@@ -374,3 +374,84 @@ def test_quick_preset_and_overrides(tmp_path):
     ]
     args = harness.build_parser().parse_args(["--out", str(tmp_path), "--methods", "ngram"])
     assert [m.kind for m in harness.config_from_args(args).methods] == ["ar", "ngram"]  # AR added
+
+
+# ------------------------------------------------------------------------------ new methods
+def test_parse_self_speculation_and_hierarchy_methods(tmp_path):
+    m = harness.parse_method("hispec")
+    assert m.kind == "hispec" and m.exits == (4, 8) and (m.nd, m.ni) == (2, 4)
+    m = harness.parse_method("hispec:4,8,3,6")
+    assert m.exits == (4, 8) and (m.nd, m.ni) == (3, 6)
+    assert harness.parse_method("early-exit").exits == (4,)
+    assert harness.parse_method("hf-early-exit:6").exits == (6,)
+    path = str(tmp_path)
+    m = harness.parse_method(f"hierarchy:ngram+{path}@2+{path}")
+    assert m.levels == (("ngram", 0), (path, 2), (path, 3)) and m.paths == [path, path]
+    for bad, msg in [
+        ("hispec:8,4", "must come before"),
+        ("hispec:4", "2 or 4 integers"),
+        ("hispec:3,8", "no shipped early-exit head at layer 3"),
+        ("early-exit:x", "comma-separated integers"),
+        (f"hierarchy:{path}+ngram", "only be the bottom"),
+        ("hierarchy:ngram", "at least one draft model"),
+        ("hierarchy:/nonexistent", "does not exist"),
+        ("draft:", "give the draft model"),
+    ]:
+        with pytest.raises(BenchError, match=msg):
+            harness.parse_method(bad)
+
+
+def test_run_bench_self_speculation_and_hierarchy(tmp_path):
+    """HiSpec, early exit and a 3-level hierarchy through the harness on a tiny HF Llama: greedy
+    rows are identical to AR and carry the per-stage statistics."""
+    transformers = pytest.importorskip("transformers")
+    from hierspec.models import HFModel, build_early_exit
+
+    torch.manual_seed(0)
+    cfg_l = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    hf = transformers.LlamaForCausalLM(cfg_l).eval()
+    target = HFModel(hf)
+    heads = {1: build_early_exit(hf, 1).head, 2: build_early_exit(hf, 2).head}
+    _, small = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float32, max_length=256)
+    path = str(tmp_path)
+    cfg = BenchConfig(
+        out=tmp_path / "o",
+        methods=[
+            MethodSpec("ar", "ar"),
+            MethodSpec("hispec:1,2", "hispec", exits=(1, 2), nd=2, ni=3),
+            MethodSpec("early-exit:1", "early-exit", exits=(1,)),
+            MethodSpec("hierarchy", "hierarchy", levels=(("ngram", 0), (path, 2))),
+        ],
+        temperatures=[0.0, 1.0],
+        rules=["block"],
+        gammas=[3],
+        max_new_tokens=12,
+        warmup=0,
+    )
+    prompts = harness.load_prompts(replace_sets(cfg, write_specbench(tmp_path / "q.jsonl")))
+    res = run_bench(
+        cfg, target, FakeTokenizer(32), prompts, drafts={path: small}, heads=heads, progress=False
+    )
+    rows = res["rows"]
+    ar = {r["prompt_id"]: r["token_ids"] for r in rows if r["kind"] == "ar" and r["temperature"] == 0}
+    greedy = [r for r in rows if r["kind"] != "ar" and r["temperature"] == 0]
+    assert {r["kind"] for r in greedy} == {"hispec", "early-exit", "hierarchy"}
+    for r in greedy:
+        assert r["token_ids"] == ar[r["prompt_id"]], r["method"]
+    hs = [r for r in rows if r["kind"] == "hispec"]
+    assert all(r["gamma"] == 3 and "intermediate_acceptance_rate" in r["stages"] for r in hs)
+    from hierspec.bench.report import write_report
+
+    files = write_report(res, tmp_path / "o")
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert any(str(f).endswith("report.md") for f in files) and "hispec" in md and "hierarchy" in md
+    with pytest.raises(BenchError, match="no early-exit head loaded"):
+        run_bench(cfg, target, FakeTokenizer(32), prompts, drafts={path: small}, progress=False)

@@ -53,6 +53,25 @@ def test_hierarchy_level_errors(capsys, extra, msg):
     assert out == "" and msg in err
 
 
+@pytest.mark.parametrize(
+    "method,extra,msg",
+    [
+        ("hispec", ["--exits", "8,4"], "draft exit must come before"),
+        ("hispec", ["--exits", "4"], "takes 2 exit layer(s)"),
+        ("hispec", ["--exits", "4,x"], "expected layer numbers"),
+        ("hispec", ["--exits", "3,8"], "no shipped head at layer 3"),
+        ("hispec", ["--exits", "4:/nonexistent.safetensors,8"], "does not exist"),
+        ("hispec", ["--nd", "0"], "--nd and --ni must be >= 1"),
+        ("hispec", ["--ni", "0"], "--nd and --ni must be >= 1"),
+        ("early-exit", ["--exits", "4,8"], "takes 1 exit layer(s)"),
+    ],
+)
+def test_self_speculation_argument_errors(capsys, method, extra, msg):
+    assert main(["generate", "--prompt", "hi", "--method", method, "--json", *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and msg in err
+
+
 def test_plan_from_calibration_file(tmp_path, capsys):
     from hierspec.calibrate import Calibration
 

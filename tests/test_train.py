@@ -507,6 +507,9 @@ def test_cli_pipeline_end_to_end_and_resume(tmp_path) -> None:
     assert summary["vocab"]["size"] == 48
     out = tmp_path / "out"
     assert (out / "draft.safetensors").is_file() and (out / "summary.json").is_file()
+    card = (out / "draft.md").read_text()
+    assert "greedy agreement with the target" in card and "trainable parameters" in card
+    assert summary["train_seconds_total"] > 0
     draft = load_draft(
         out / "draft.safetensors", TargetIdentity(vocab_size=V, tokenizer=_codec().fingerprint)
     )

@@ -16,10 +16,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-METHODS = ("ar", "draft", "ngram", "hierarchy")
+METHODS = ("ar", "draft", "ngram", "hierarchy", "early-exit", "hispec", "ssd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -37,14 +38,27 @@ def _build_parser() -> argparse.ArgumentParser:
         "--method",
         default="ngram",
         choices=METHODS,
-        help="drafter: ar (none), draft (a draft model), ngram (prompt lookup); "
-        "default ngram (no trained draft is shipped yet)",
+        help="drafter: ar (none), draft (a draft model; default the shipped draft), ngram (prompt "
+        "lookup), hierarchy (--levels), early-exit (LayerSkip-style self-speculation from a shipped "
+        "exit head), hispec (draft exit + intermediate exit + full model); default ngram",
     )
     g.add_argument(
         "--draft",
         default=None,
-        help="draft model for --method draft: a hierspec draft (.safetensors), a transformers "
-        "model directory or a .gguf file sharing the target's tokenizer",
+        help="draft model for --method draft: a shipped draft name (small, large; default "
+        "small), a hierspec draft (.safetensors), a transformers model directory or a .gguf file "
+        "sharing the target's tokenizer",
+    )
+    g.add_argument(
+        "--exits",
+        default=None,
+        help="--method hispec: draft and intermediate exit layers L_d,L_i (default 4,8, the shipped "
+        "heads); --method early-exit: the draft exit L_d (default 4). A head file per exit: "
+        "L:PATH instead of L uses PATH",
+    )
+    g.add_argument("--nd", type=int, default=2, help="--method hispec: draft tokens per draft step (N_d)")
+    g.add_argument(
+        "--ni", type=int, default=4, help="--method hispec: buffered tokens per full verification (N_i)"
     )
     g.add_argument(
         "--levels",
@@ -80,6 +94,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
     g.add_argument("--compare", action="store_true", help="also run plain decoding and report the speed-up")
+    from .ssd.cli import add_ssd_arguments
+
+    add_ssd_arguments(g)
     c = sub.add_parser("calibrate", help="measure costs and pairwise acceptance for the planner")
     c.add_argument("--levels", required=True, help="draft model paths, cheapest first (the target is added)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
@@ -99,24 +116,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _load_level(spec: str, target, dtype: torch.dtype):
-    """A draft level from its CLI spec: a hierspec draft file (.safetensors), a transformers
-    directory or a .gguf file; its vocabulary must be the target's."""
-    import os
+    """A draft level from its CLI spec (`hierspec.models.loading.load_draft_model`: a hierspec
+    draft or early-exit head file, a transformers directory or a .gguf file); its vocabulary
+    must be the target's."""
+    from .models import DraftFileError
+    from .models.loading import load_draft_model
 
-    from .models import HFModel
-
-    if not os.path.exists(spec):
-        raise CliError(f"draft {spec!r} does not exist")
-    if spec.endswith(".safetensors"):
-        from .models.draft import load_draft
-
-        model = load_draft(spec, dtype=dtype)
-    elif spec.endswith(".gguf"):
-        model = HFModel.from_pretrained(
-            os.path.dirname(spec) or ".", gguf_file=os.path.basename(spec), dtype=dtype
-        )
-    else:
-        model = HFModel.from_pretrained(spec, dtype=dtype)
+    try:
+        model = load_draft_model(spec, dtype, target)
+    except FileNotFoundError:
+        raise CliError(f"draft {spec!r} does not exist") from None
+    except (DraftFileError, OSError) as err:
+        raise CliError(f"draft {spec!r}: {err}") from None
     if model.vocab_size != target.vocab_size:
         raise CliError(
             f"draft {spec!r}: its vocabulary has {model.vocab_size} tokens but the target's "
@@ -158,11 +169,74 @@ def _make_drafter(args, target):
     if args.method == "hierarchy":
         specs, gammas = _parse_levels(args.levels, args.gammas)
         bottom = NgramDrafter() if specs[0] == "ngram" else None
-        models = [_load_level(p, target, DTYPES[args.dtype]) for p in specs[bottom is not None :]]
+        models = [
+            _load_level(_draft_spec(p), target, DTYPES[args.dtype]) for p in specs[bottom is not None :]
+        ]
         return build_hierarchy(models, bottom, rules=args.rule, gammas=gammas)
-    if not args.draft:
-        raise CliError("--method draft needs --draft PATH (no trained draft is shipped yet)")
-    return ModelDrafter(_load_level(args.draft, target, DTYPES[args.dtype]))
+    return ModelDrafter(_load_level(_draft_spec(args.draft), target, DTYPES[args.dtype]))
+
+
+def _draft_spec(spec: str | None) -> str:
+    """A --draft / --levels entry: a shipped draft name becomes its path."""
+    from .models import shipped
+
+    if spec is None:
+        spec = shipped.DEFAULT_DRAFT
+    if spec in shipped.DRAFTS:
+        return str(shipped.draft_path(spec))
+    return spec
+
+
+def _parse_exits(args) -> list[tuple[int, str | None]]:
+    """--exits as [(layer, head path or None = shipped)], checked before any model loads."""
+    from .models import shipped
+
+    n = 2 if args.method == "hispec" else 1
+    if args.exits is None:
+        return [(e, None) for e in shipped.DEFAULT_EXITS[:n]]
+    out = []
+    for part in args.exits.split(","):
+        layer, _, path = part.strip().partition(":")
+        try:
+            e = int(layer)
+        except ValueError:
+            raise CliError(f"--exits: expected layer numbers (L or L:PATH), got {part!r}") from None
+        if path and not Path(path).is_file():
+            raise CliError(f"--exits: head file {path!r} does not exist")
+        if not path and e not in shipped.EXIT_HEADS:
+            raise CliError(
+                f"--exits: no shipped head at layer {e} (shipped: {sorted(shipped.EXIT_HEADS)}); "
+                "give L:PATH for a head of your own"
+            )
+        out.append((e, path or None))
+    if len(out) != n:
+        raise CliError(f"--exits: --method {args.method} takes {n} exit layer(s), got {args.exits!r}")
+    if n == 2 and not out[0][0] < out[1][0]:
+        raise CliError(f"--exits: the draft exit must come before the intermediate exit, got {args.exits!r}")
+    return out
+
+
+def _self_speculator(args, target, tokenizer):
+    """The HiSpec / early-exit system over the target's own layers (shipped or given heads)."""
+    from .hispec import build_early_exit_spec, build_hispec
+    from .models import DraftFileError, load_early_exit, shipped
+
+    heads = []
+    for layer, path in _parse_exits(args):
+        p = path or str(shipped.exit_head_path(layer))
+        try:
+            head = load_early_exit(p, target.model, tokenizer=tokenizer).head
+        except DraftFileError as err:
+            raise CliError(f"--exits: {err}") from None
+        if head.config.exit_layer != layer:
+            raise CliError(f"--exits: {p} is a head for exit layer {head.config.exit_layer}, not {layer}")
+        heads.append(head)
+    try:
+        if args.method == "hispec":
+            return build_hispec(target.model, heads[0], heads[1], nd=args.nd, ni=args.ni, rule=args.rule)
+        return build_early_exit_spec(target.model, heads[0], gamma=args.gamma)
+    except ValueError as err:
+        raise CliError(str(err)) from None
 
 
 def _generate(args) -> int:
@@ -184,6 +258,15 @@ def _generate(args) -> int:
         raise CliError("--prompt is empty")
     if args.method == "hierarchy":
         _parse_levels(args.levels, args.gammas)
+    if args.method == "ssd":
+        from .ssd.cli import check_ssd_args
+
+        args.draft = _draft_spec(args.draft)
+        check_ssd_args(args)
+    if args.method in ("hispec", "early-exit"):
+        _parse_exits(args)
+        if args.nd < 1 or args.ni < 1:
+            raise CliError(f"--nd and --ni must be >= 1, got {args.nd} and {args.ni}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     target, tok = load_smollm2(DTYPES[args.dtype])
@@ -198,10 +281,18 @@ def _generate(args) -> int:
         ids = tok(args.prompt)["input_ids"]
     if len(ids) >= target.max_length:
         raise CliError(f"--prompt: {len(ids)} tokens exceed the model's context of {target.max_length}")
-    drafter = _make_drafter(args, target)
+    system = None
+    engine_target, gamma = target, args.gamma
+    if args.method == "ssd":
+        return _generate_ssd(args, target, tok, ids, params, load_s)
+    if args.method in ("hispec", "early-exit"):
+        system = _self_speculator(args, target, tok)
+        engine_target, drafter, gamma = system.target, system.drafter, system.gamma
+    else:
+        drafter = _make_drafter(args, target)
     kw = dict(
         rule=args.rule,
-        gamma=args.gamma,
+        gamma=gamma,
         params=params,
         max_new_tokens=args.max_new_tokens,
         eos_token_id=tok.eos_token_id,
@@ -222,8 +313,13 @@ def _generate(args) -> int:
             printed[0] = text
 
     # Warm-up (first-call allocation costs would otherwise land on the timed run).
-    generate(target, ids, drafter=drafter, **{**kw, "max_new_tokens": 4})
-    res = generate(target, ids, drafter=drafter, on_tokens=None if args.json else stream, **kw)
+    generate(engine_target, ids, drafter=drafter, **{**kw, "max_new_tokens": 4})
+    if system is not None:
+        rest = {k: v for k, v in kw.items() if k != "gamma"}
+        res = system.generate(ids, on_tokens=None if args.json else stream, **rest)
+    else:
+        res = generate(engine_target, ids, drafter=drafter, on_tokens=None if args.json else stream, **kw)
+    stage = system.stage_stats(res) if system is not None else None
     ar = None
     if args.compare:
         ar = generate(target, ids, drafter=None, **kw)
@@ -239,6 +335,8 @@ def _generate(args) -> int:
             "load_seconds": load_s,
             "stats": res.stats.to_dict(),
         }
+        if stage is not None:
+            out["stages"] = stage
         if ar is not None:
             out["ar_stats"] = ar.stats.to_dict()
             out["speedup_vs_ar"] = res.stats.tokens_per_second / max(ar.stats.tokens_per_second, 1e-9)
@@ -269,6 +367,98 @@ def _generate(args) -> int:
         f"engine overhead {s.overhead_per_step_ms:.2f} ms/step",
         file=err,
     )
+    if stage is not None:
+        ranges = ", ".join(
+            f"layers {r['layers'][0]}-{r['layers'][1]}: {r['tokens']} tok in {r['passes']} passes, "
+            f"{r['seconds']:.2f} s"
+            for r in stage["ranges"]
+        )
+        inter = stage.get("intermediate_acceptance_rate")
+        print(
+            (f"intermediate acceptance {inter:.2f}, " if inter is not None else "")
+            + f"full model overturns {stage['full_overturn_rate']:.2f} of buffered tokens, "
+            f"{stage['tokens_per_full_pass']:.2f} tokens per full pass; {ranges}",
+            file=err,
+        )
+    if ar is not None:
+        a = ar.stats
+        print(
+            f"plain decoding: {a.tokens_per_second:.1f} tok/s -> speed-up "
+            f"{s.tokens_per_second / max(a.tokens_per_second, 1e-9):.2f}x; output identical: "
+            f"{res.token_ids == ar.token_ids}",
+            file=err,
+        )
+    return 0
+
+
+def _generate_ssd(args, target, tok, ids, params, load_s: float) -> int:
+    """--method ssd: verifier here, the Saguaro speculator in its own process (`hierspec.ssd`)."""
+    from .engine import generate
+    from .ssd.cli import run_ssd, ssd_summary_lines
+
+    printed = [""]
+    new_ids: list[int] = []
+
+    def stream(step: list[int]) -> None:
+        new_ids.extend(step)
+        text = tok.decode(new_ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed[0]) :])
+            sys.stdout.flush()
+            printed[0] = text
+
+    res = run_ssd(
+        args,
+        target,
+        ids,
+        params,
+        eos_token_id=tok.eos_token_id,
+        tokenizer=tok,
+        on_tokens=None if args.json else stream,
+    )
+    ar = None
+    if args.compare:
+        ar = generate(
+            target,
+            ids,
+            params=params,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            tokenizer=tok,
+            seed=args.seed,
+        )
+    s = res.stats
+    if args.json:
+        out = {
+            "text": res.text,
+            "token_ids": res.token_ids,
+            "finish_reason": res.finish_reason,
+            "method": "ssd",
+            "rule": "greedy" if params.greedy else args.rule,
+            "sampling": params.describe(),
+            "dtype": args.dtype,
+            "load_seconds": load_s,
+            "stats": s.to_dict(),
+        }
+        if ar is not None:
+            out["ar_stats"] = ar.stats.to_dict()
+            out["speedup_vs_ar"] = s.tokens_per_second / max(ar.stats.tokens_per_second, 1e-9)
+            out["identical_to_ar"] = res.token_ids == ar.token_ids
+        print(json.dumps(out, default=str))
+        return 0
+    err = sys.stderr
+    print(file=sys.stdout)
+    print(
+        f"\n--- ssd ({'greedy' if params.greedy else args.rule}, gamma={args.gamma}, "
+        f"{params.describe()}) ---",
+        file=err,
+    )
+    print(
+        f"{s.num_generated_tokens} tokens in {s.time_decode:.2f} s = {s.tokens_per_second:.1f} tok/s",
+        file=err,
+    )
+    for line in ssd_summary_lines(s):
+        print(line, file=err)
     if ar is not None:
         a = ar.stats
         print(
@@ -294,7 +484,7 @@ def _calibrate(args) -> int:
     params = SamplingParams(temperature=args.temperature)
     prompts = load_prompt_set(args.set, n=args.n)
     target, tok = load_smollm2(DTYPES[args.dtype])
-    models = [_load_level(p, target, DTYPES[args.dtype]) for p in specs] + [target]
+    models = [_load_level(_draft_spec(p), target, DTYPES[args.dtype]) for p in specs] + [target]
     ids = []
     for pr in prompts:
         if pr.chat:

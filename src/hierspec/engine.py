@@ -44,13 +44,15 @@ class GenerationResult:
     prompt_ids: list[int] = field(default_factory=list)
 
 
-def _check_args(
+def check_generate_args(
     target: LanguageModel,
     prompt: torch.Tensor,
     drafter: Drafter | None,
     gamma: int,
     max_new_tokens: int,
 ) -> None:
+    """`generate`'s argument checks (shared with other decode loops, e.g. `hierspec.ssd`):
+    ValueError naming the argument and what was expected."""
     if prompt.dim() != 2 or prompt.shape[0] != 1:
         raise ValueError(f"prompt_ids: expected shape [1, L] (batch size 1), got {tuple(prompt.shape)}")
     if prompt.shape[1] == 0:
@@ -109,7 +111,7 @@ def generate(
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
     if prompt.dim() == 1:
         prompt = prompt[None]
-    _check_args(target, prompt, drafter, gamma, max_new_tokens)
+    check_generate_args(target, prompt, drafter, gamma, max_new_tokens)
     verify_rule = get_rule("greedy" if params.greedy else rule)
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings: a tokenizer is needed to match stop strings")

@@ -59,8 +59,22 @@ from ..sampling import SamplingParams
 from ..verify import RULES
 from .prompts import PROMPT_SETS, Prompt, load_prompt_set, specbench_prompts
 
-METHOD_KINDS = ("ar", "ngram", "draft", "hf-ngram", "hf-draft")
-METHOD_SYNTAX = "ar, ngram, draft:PATH, hf-ngram, hf-draft:PATH"
+METHOD_KINDS = (
+    "ar",
+    "ngram",
+    "draft",
+    "hierarchy",
+    "early-exit",
+    "hispec",
+    "hf-ngram",
+    "hf-draft",
+    "hf-early-exit",
+)
+METHOD_SYNTAX = (
+    "ar, ngram, draft:NAME|PATH, hierarchy:LEVEL+LEVEL+... (bottom first; LEVEL = ngram | NAME | PATH, "
+    "optionally @GAMMA, default 3), early-exit[:L], hispec[:Ld,Li[,Nd,Ni]], hf-ngram, hf-draft:PATH, "
+    "hf-early-exit:L"
+)
 SPEC_RULES = ("token", "block", "hsd")
 DTYPES = ("float32", "bfloat16")
 WARMUP_TOKENS = 16
@@ -88,30 +102,96 @@ class MethodSpec:
     name: str
     kind: str
     path: str | None = None
+    levels: tuple[tuple[str, int], ...] = ()  # hierarchy: (ngram | draft path, gamma), bottom first
+    exits: tuple[int, ...] = ()  # early-exit: (L_d,); hispec: (L_d, L_i); hf-early-exit: (L,)
+    nd: int = 2  # hispec: draft tokens per draft step
+    ni: int = 4  # hispec: buffered tokens per full pass (its gamma)
 
     @property
     def drafts(self) -> bool:
         return self.kind != "ar"
 
     @property
+    def paths(self) -> list[str]:
+        """Draft files this method needs loaded."""
+        return [p for p, _ in self.levels if p != "ngram"] + ([self.path] if self.path else [])
+
+    @property
     def hf(self) -> bool:
         return self.kind.startswith("hf-")
 
 
+def _draft_file(text: str, spec: str) -> str:
+    """A shipped draft name (`hierspec.models.shipped.DRAFTS`) or an existing path."""
+    from ..models import shipped
+
+    if spec in shipped.DRAFTS:
+        try:
+            return str(shipped.draft_path(spec))
+        except FileNotFoundError as err:
+            raise BenchError(f"method {text!r}: {err}") from None
+    if not os.path.exists(spec):
+        raise BenchError(f"method {text!r}: draft path {spec!r} does not exist")
+    return spec
+
+
+def _ints(text: str, arg: str, n_allowed: tuple[int, ...]) -> list[int]:
+    try:
+        vals = [int(x) for x in arg.split(",")]
+    except ValueError:
+        raise BenchError(f"method {text!r}: expected comma-separated integers, got {arg!r}") from None
+    if len(vals) not in n_allowed or any(v < 1 for v in vals):
+        raise BenchError(f"method {text!r}: expected {' or '.join(map(str, n_allowed))} integers >= 1")
+    return vals
+
+
 def parse_method(text: str) -> MethodSpec:
-    """``"ar" | "ngram" | "draft:PATH" | "hf-ngram" | "hf-draft:PATH"`` -> MethodSpec."""
+    """One ``--methods`` entry (see METHOD_SYNTAX) -> MethodSpec; BenchError on bad input."""
+    from ..models import shipped
+
     text = text.strip()
-    kind, sep, path = text.partition(":")
+    kind, sep, arg = text.partition(":")
     if kind in ("ar", "ngram", "hf-ngram") and not sep:
         return MethodSpec(text, kind)
     if kind in ("draft", "hf-draft") and sep:
-        if not path:
-            raise BenchError(f"method {text!r}: give the draft model path, e.g. {kind}:PATH")
-        if not os.path.exists(path):
-            raise BenchError(f"method {text!r}: draft path {path!r} does not exist")
-        return MethodSpec(text, kind, path)
+        if not arg:
+            raise BenchError(f"method {text!r}: give the draft model, e.g. {kind}:PATH")
+        return MethodSpec(text, kind, _draft_file(text, arg))
     if kind in ("draft", "hf-draft"):
-        raise BenchError(f"method {text!r} needs a draft model path: {kind}:PATH")
+        raise BenchError(f"method {text!r} needs a draft model: {kind}:NAME or {kind}:PATH")
+    if kind == "hierarchy":
+        levels = []
+        for i, part in enumerate(x for x in arg.split("+") if x):
+            spec, _, g = part.rpartition("@") if "@" in part else (part, "", "")
+            gamma = _ints(text, g, (1,))[0] if g else 3
+            if spec == "ngram":
+                if i:
+                    raise BenchError(f"method {text!r}: 'ngram' can only be the bottom level")
+                levels.append(("ngram", 0))
+            else:
+                levels.append((_draft_file(text, spec), gamma))
+        if not any(p != "ngram" for p, _ in levels):
+            raise BenchError(
+                f"method {text!r}: give at least one draft model level, e.g. hierarchy:ngram+small"
+            )
+        return MethodSpec(text, kind, levels=tuple(levels))
+    if kind in ("early-exit", "hispec"):
+        if kind == "early-exit":
+            exits = _ints(text, arg, (1,)) if arg else [shipped.DEFAULT_EXITS[0]]
+            nd, ni = 2, 4
+        else:
+            vals = _ints(text, arg, (2, 4)) if arg else list(shipped.DEFAULT_EXITS)
+            exits, (nd, ni) = vals[:2], (vals[2:] or [2, 4])
+            if not exits[0] < exits[1]:
+                raise BenchError(f"method {text!r}: the draft exit must come before the intermediate exit")
+        for e in exits:
+            if e not in shipped.EXIT_HEADS:
+                raise BenchError(f"method {text!r}: no shipped early-exit head at layer {e}")
+        return MethodSpec(text, kind, exits=tuple(exits), nd=nd, ni=ni)
+    if kind == "hf-early-exit":
+        return MethodSpec(
+            text, kind, exits=tuple(_ints(text, arg, (1,)) if arg else [shipped.DEFAULT_EXITS[0]])
+        )
     raise BenchError(f"unknown method {text!r}; valid methods: {METHOD_SYNTAX}")
 
 
@@ -379,6 +459,10 @@ class Cell:
         name = self.method.name
         if self.method.path:
             name = f"{self.method.kind}:{Path(self.method.path).name or self.method.path}"
+        elif self.method.levels:
+            name = "hierarchy:" + "+".join(
+                "ngram" if p == "ngram" else f"{Path(p).stem}@{g}" for p, g in self.method.levels
+            )
         parts = [name, f"γ{self.gamma}"]
         if self.rule not in ("greedy", "hf"):
             parts.insert(1, self.rule)
@@ -393,7 +477,7 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
             if m.kind == "ar":
                 cells.append(Cell(m, t, None, "-"))
                 continue
-            for g in cfg.gammas:
+            for g in [m.ni] if m.kind == "hispec" else cfg.gammas:
                 if t == 0:
                     cells.append(Cell(m, t, g, "greedy"))
                 elif m.hf:
@@ -468,6 +552,7 @@ class Runner:
     target: Any
     eos_token_id: int | None
     drafts: dict[str, Any]  # path -> HFModel (LanguageModel with .model)
+    heads: dict[int, Any] = field(default_factory=dict)  # exit layer -> EarlyExitHead
     _drafters: dict[str, Any] = field(default_factory=dict)
     _counters: dict[str, _ForwardCounter] = field(default_factory=dict)
 
@@ -485,12 +570,36 @@ class Runner:
             c.handle.remove()
 
     def _drafter(self, m: MethodSpec):
+        """(engine target, drafter, self-speculator or None) of a hierspec method (built once)."""
         if m.kind == "ar":
-            return None
+            return self.target, None, None
         if m.name not in self._drafters:
-            self._drafters[m.name] = (
-                NgramDrafter() if m.kind == "ngram" else ModelDrafter(self.drafts[m.path])
-            )
+            system = None
+            if m.kind == "ngram":
+                drafter = NgramDrafter()
+            elif m.kind == "draft":
+                drafter = ModelDrafter(self.drafts[m.path])
+            elif m.kind == "hierarchy":
+                from ..hierarchy import SpeculativeDrafter
+
+                drafter = None
+                for p, g in m.levels:
+                    drafter = (
+                        NgramDrafter()
+                        if p == "ngram"
+                        else SpeculativeDrafter(self.drafts[p], drafter, rule="block", gamma=g)
+                    )
+            else:
+                from ..hispec import build_early_exit_spec, build_hispec
+
+                heads = [self.heads[e] for e in m.exits]
+                hf = _hf_module(self.target)
+                if m.kind == "hispec":
+                    system = build_hispec(hf, heads[0], heads[1], nd=m.nd, ni=m.ni, rule="block")
+                else:
+                    system = build_early_exit_spec(hf, heads[0])
+                drafter = system.drafter
+            self._drafters[m.name] = (system.target if system else self.target, drafter, system)
         return self._drafters[m.name]
 
     def _take(self, key: str | None) -> int | None:
@@ -500,6 +609,8 @@ class Runner:
     def run(self, cell: Cell, ids: list[int], seed: int, max_new_tokens: int, analyse: bool) -> dict:
         m = cell.method
         draft_key = m.path if m.kind in ("draft", "hf-draft") else None
+        if m.kind == "hierarchy":
+            draft_key = next((p for p, _ in m.levels if p != "ngram"), None)
         self._take("target")
         self._take(draft_key)
         rss0 = _maxrss_mb()
@@ -522,10 +633,13 @@ class Runner:
         params = SamplingParams(
             temperature=cell.temperature, top_p=self.cfg.top_p if cell.temperature else 1.0
         )
-        drafter = self._drafter(cell.method)
+        target, drafter, system = self._drafter(cell.method)
+        if system is not None:
+            for st in system.stack.stats:
+                st.__init__()
         t0 = time.perf_counter()
         res = generate(
-            self.target,
+            target,
             ids,
             drafter=drafter,
             rule=cell.rule if cell.rule in SPEC_RULES else "token",
@@ -566,6 +680,8 @@ class Runner:
             "acceptance_histogram": s.acceptance_histogram,
             "mean_acceptance_length": s.mean_acceptance_length if cell.method.drafts else None,
         }
+        if system is not None:
+            row["stages"] = system.stage_stats(res)
         if hook is not None:
             row["expected_accepted"] = hook.expected
             row["expected_accepted_var"] = hook.variance
@@ -588,6 +704,9 @@ class Runner:
             kw.update(do_sample=False)
         if cell.method.kind == "hf-ngram":
             kw.update(prompt_lookup_num_tokens=cell.gamma, max_matching_ngram_size=HF_PLD_MAX_NGRAM)
+        elif cell.method.kind == "hf-early-exit":
+            # HF's LayerSkip self-speculation: the first L layers + the model's own norm and LM head
+            kw.update(assistant_early_exit=cell.method.exits[0], num_assistant_tokens=cell.gamma)
         else:
             assistant = _hf_module(self.drafts[cell.method.path])
             # HF reads these from the assistant's generation_config; pass them both ways
@@ -632,6 +751,7 @@ def run_bench(
     prompts: Sequence[Prompt],
     *,
     drafts: dict[str, Any] | None = None,
+    heads: dict[int, Any] | None = None,
     target_name: str = "target",
     progress: bool = True,
 ) -> dict:
@@ -644,7 +764,17 @@ def run_bench(
     drafts = dict(drafts or {})
     if any(m.hf for m in cfg.methods) and _hf_module(target) is None:
         raise BenchError("hf-ngram / hf-draft need a transformers target (HFModel); this target has none")
+    heads = dict(heads or {})
     for m in cfg.methods:
+        if m.kind in ("early-exit", "hispec"):
+            if _hf_module(target) is None:
+                raise BenchError(f"method {m.name}: self-speculation needs a transformers target")
+            missing = [e for e in m.exits if e not in heads]
+            if missing:
+                raise BenchError(f"method {m.name}: no early-exit head loaded for exit(s) {missing}")
+        for path in [p for p, _ in m.levels if p != "ngram"]:
+            if path not in drafts:
+                raise BenchError(f"method {m.name}: draft model {path!r} was not loaded")
         if m.kind in ("draft", "hf-draft"):
             d = drafts.get(m.path)
             if d is None:
@@ -678,7 +808,7 @@ def run_bench(
     cells = plan_cells(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    runner = Runner(cfg, target, eos, drafts)
+    runner = Runner(cfg, target, eos, drafts, heads)
     rows: list[dict] = []
     n_timed = len(encoded) * cfg.repeats * len(cells)
     bar = tqdm(
@@ -838,15 +968,12 @@ def machine_info() -> dict:
 
 
 # ------------------------------------------------------------------------------------ main
-def load_draft(path: str, dtype: torch.dtype):
-    """A draft model: a transformers directory or a ``.gguf`` file -> HFModel."""
-    from ..models import HFModel
+def load_draft(path: str, dtype: torch.dtype, target: Any = None):
+    """A draft model (`hierspec.models.loading.load_draft_model`): a hierspec draft or early-exit
+    head file, a transformers directory or a ``.gguf`` file."""
+    from ..models.loading import load_draft_model
 
-    if path.endswith(".gguf"):
-        return HFModel.from_pretrained(
-            os.path.dirname(path) or ".", gguf_file=os.path.basename(path), dtype=dtype
-        )
-    return HFModel.from_pretrained(path, dtype=dtype)
+    return load_draft_model(path, dtype, target)
 
 
 def prepare(argv: Sequence[str]) -> tuple[BenchConfig, list[Prompt], bool]:
@@ -856,6 +983,20 @@ def prepare(argv: Sequence[str]) -> tuple[BenchConfig, list[Prompt], bool]:
     check_output_dir(cfg.out)
     prompts = load_prompts(cfg)
     return cfg, prompts, not args.no_progress
+
+
+def load_exit_heads(cfg: BenchConfig, target: Any, tokenizer: Any = None) -> dict[int, Any]:
+    """The shipped early-exit heads the methods of ``cfg`` use, by exit layer."""
+    from ..models import load_early_exit, shipped
+
+    heads = {}
+    for m in cfg.methods:
+        if m.kind in ("early-exit", "hispec"):
+            for e in m.exits:
+                if e not in heads:
+                    path = shipped.exit_head_path(e)
+                    heads[e] = load_early_exit(path, _hf_module(target), tokenizer=tokenizer).head
+    return heads
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -877,13 +1018,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             target, tok = load_smollm2(dtype)
             drafts = {}
             for m in cfg.methods:
-                if m.path and m.path not in drafts:
-                    drafts[m.path] = load_draft(m.path, dtype)
+                for path in m.paths:
+                    if path not in drafts:
+                        drafts[path] = load_draft(path, dtype, target)
+            heads = load_exit_heads(cfg, target, tok)
         except (OSError, ValueError, ImportError) as err:
             raise BenchError(f"loading models: {err}") from None
         load_s = time.perf_counter() - t0
         results = run_bench(
-            cfg, target, tok, prompts, drafts=drafts, target_name="SmolLM2-135M-Instruct", progress=progress
+            cfg,
+            target,
+            tok,
+            prompts,
+            drafts=drafts,
+            heads=heads,
+            target_name="SmolLM2-135M-Instruct",
+            progress=progress,
         )
         results["timing"]["model_load_s"] = load_s
         results["machine"] = machine_info()

@@ -36,10 +36,12 @@ from hierspec.train.distill import (
     Evaluator,
     TrainConfig,
     TrainError,
+    describe_student,
     export_student,
     init_draft_from_target,
     load_checkpoint,
     train,
+    trainable_module,
 )
 from hierspec.train.teacher import cache_teacher
 from hierspec.train.vocab import count_tokens, select_vocab, vocab_coverage
@@ -118,7 +120,15 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
     vocab_size = int(hf.get_output_embeddings().weight.shape[0])
     codec = codec_from_tokenizer(tokenizer, vocab_size)
     identity = target_identity(hf, tokenizer, name=getattr(args, "target_name", None))
-    summary: dict[str, Any] = {"kind": args.kind, "data_dir": str(data_dir)}
+    summary: dict[str, Any] = {
+        "kind": args.kind,
+        "data_dir": str(data_dir),
+        "data_sources": args.data,
+        "topk": args.topk,
+        "gamma": args.gamma,
+        "export_dtype": args.export_dtype,
+        "eval_sources": args.eval,
+    }
 
     t0 = time.perf_counter()
     dcfg = DataConfig(
@@ -144,6 +154,10 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
     ckpt_path = out / "checkpoint.pt"
     resuming = args.resume and ckpt_path.exists()
     if resuming:
+        if (out / "vocab.json").is_file():
+            summary["vocab"] = {
+                k: v for k, v in json.loads((out / "vocab.json").read_text()).items() if k != "ids"
+            }
         ck = load_checkpoint(ckpt_path)
         student = _student_from_checkpoint(ck, hf)
         cfg = TrainConfig.from_dict({**ck["train_config"], "steps": args.steps})
@@ -190,8 +204,10 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
     evaluator = None
     if eval_rows is not None:
         evaluator = Evaluator(hf, *eval_rows, gamma=args.gamma)
-        if not resuming:
-            summary["eval_step0"] = evaluator(student)
+        step0 = out / "eval_step0.json"
+        if not resuming or not step0.is_file():
+            step0.write_text(json.dumps(evaluator(student)))
+        summary["eval_step0"] = json.loads(step0.read_text())
     summary["train"] = train(
         student, data_dir, out, cfg, resume=args.resume, evaluator=evaluator, progress=progress
     )
@@ -202,13 +218,110 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
     summary["export"] = str(
         export_student(student, out / name, identity, dtype=getattr(torch, args.export_dtype), info=info)
     )
+    summary["train_seconds_total"] = _total_train_seconds(out / "train_log.jsonl", summary["train"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    card = Path(summary["export"]).with_suffix(".md")
+    card.write_text(model_card(summary, student, Path(summary["export"]), argv=getattr(args, "argv", None)))
     return summary
+
+
+def _total_train_seconds(log: Path, train_summary: dict[str, Any]) -> float:
+    """Training seconds over every (resumed) segment: the largest elapsed time of each segment in
+    train_log.jsonl, summed; falls back to this segment's time."""
+    try:
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return float(train_summary.get("seconds", 0.0))
+    total, prev = 0.0, 0.0
+    for r in rows:
+        e = r.get("elapsed")
+        if not isinstance(e, (int, float)):
+            continue
+        if e < prev:  # a new segment started
+            total += prev
+        prev = e
+    return total + prev if total + prev > 0 else float(train_summary.get("seconds", 0.0))
+
+
+def model_card(summary: dict[str, Any], student: Any, path: Path, argv: Sequence[str] | None = None) -> str:
+    """Markdown model card of an exported draft / early-exit head: what it is, its data, training
+    time, size and the held-out metrics measured at the end of training."""
+    n_params = sum(p.numel() for p in trainable_module(student).parameters())
+    kind = summary["kind"]
+    cfg = describe_student(student)["config"]
+    ev0, ev1 = summary.get("eval_step0") or {}, summary.get("eval_final") or {}
+    tr = summary.get("train", {})
+    data = summary.get("data", {})
+    lines = [
+        f"# {path.stem}",
+        "",
+        f"A {'standalone draft model' if kind == 'standalone' else 'early-exit head on the frozen target'} "
+        "for SmolLM2-135M-Instruct (the model embedded in hierspec), distilled on CPU with "
+        "`hierspec train-draft`.",
+        "",
+        "## What it is",
+        "",
+        f"- kind: `{kind}`; config: `{json.dumps(cfg)}`",
+        f"- trainable parameters: {n_params / 1e6:.2f} M; file: `{path.name}`, "
+        f"{path.stat().st_size / 2**20:.1f} MiB ({summary.get('export_dtype', 'float16')})",
+        f"- vocabulary: {_vocab_line(summary)}",
+        "",
+        "## Data",
+        "",
+        f"- sources: `{summary.get('data_sources', '?')}` (held-out prompts excluded: ShareGPT < 1000, "
+        "HumanEval < 82)",
+        f"- rows: {data.get('raw_rows', '?')} raw + {data.get('gen_rows', '?')} target-generated (greedy "
+        f"responses); teacher: top-{summary.get('topk', '?')} log-probabilities + logsumexp per position",
+        "",
+        "## Training",
+        "",
+        f"- steps: {tr.get('step', '?')}, tokens seen: {tr.get('tokens', '?')}, training time "
+        f"{summary.get('train_seconds_total', 0.0) / 60:.1f} min on this 2-core AVX2 CPU "
+        f"(last segment {tr.get('tokens_per_s', 0.0):.0f} tokens/s)",
+        f"- command: `{' '.join(argv) if argv else '?'}`",
+        "",
+        "## Held-out metrics (end of training)",
+        "",
+        f"Eval set `{summary.get('eval_sources', '?')}`: prompts never trained on, with the target's "
+        "greedy responses.",
+        "",
+        "| metric | before training | after |",
+        "|---|---|---|",
+    ]
+    for key, label in (
+        ("agree", "greedy agreement with the target"),
+        ("accept_t1", "expected acceptance per token at T = 1 (sum min(p, q))"),
+        (
+            f"mal_g{summary.get('gamma', 5)}",
+            f"simulated mean acceptance length, greedy, gamma = {summary.get('gamma', 5)}",
+        ),
+        ("coverage", "target mass inside the draft vocabulary"),
+    ):
+        if key in ev1:
+            before = f"{ev0[key]:.3f}" if key in ev0 else "-"
+            lines.append(f"| {label} | {before} | {ev1[key]:.3f} |")
+    lines += [
+        "",
+        "## Measured in the engine",
+        "",
+        "See the closing notes of issue #4 and the bench report.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _vocab_line(summary: dict[str, Any]) -> str:
+    v = summary.get("vocab")
+    if not v:
+        return "the target's full vocabulary (tied head)"
+    cov = {k: v[k] for k in v if "coverage" in k and isinstance(v[k], (int, float))}
+    return f"reduced to R = {v.get('size', v.get('R', '?'))} target ids; coverage {json.dumps(cov)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hierspec train-draft`` (argv without the sub-command name)."""
     args = build_parser().parse_args(argv)
+    args.argv = ["hierspec", "train-draft", *(sys.argv[2:] if argv is None else argv)]
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -583,7 +583,11 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}", agree=f"{stats['agree']:.3f}", tok_s=f"{tok_s:.0f}")
         if cfg.log_every and step % cfg.log_every == 0:
-            _log(log_path, {"step": step, "lr": sched.get_last_lr()[0], "tok_s": tok_s, **last})
+            elapsed = time.perf_counter() - t_start
+            _log(
+                log_path,
+                {"step": step, "lr": sched.get_last_lr()[0], "tok_s": tok_s, "elapsed": elapsed, **last},
+            )
         if evaluator is not None and cfg.eval_every and step % cfg.eval_every == 0:
             metrics = {"step": step, **evaluator(student)}
             history.append(metrics)

@@ -1,0 +1,153 @@
+"""Command-line glue for ``hierspec generate --method ssd`` (wired in by `hierspec.cli`).
+
+    hierspec generate --method ssd --draft DRAFT.safetensors --prompt "..." [--gamma K]
+        [--fanout uniform|geometric] [--budget B] [--saguaro-c C] [--fallback jit|fast]
+        [--fast-backup ngram|random] [--emulate-verify-ms MS] [--ssd-reply-timeout S]
+
+`add_ssd_arguments(parser)` adds the flags; `check_ssd_args(args)` validates them before any
+model is loaded (ValueError naming the flag); `run_ssd(args, target, ids, params, ...)` runs one
+generation with the speculator in its own process (the draft is re-created there from
+``--draft``); `ssd_summary_lines(stats)` formats the SSD statistics for stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..engine import GenerationResult
+from ..sampling import SamplingParams
+from .options import FALLBACKS, FAST_BACKUPS
+from .saguaro import FANOUTS, check_budget, check_saguaro_c
+from .stats import SSDStats
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def add_ssd_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the SSD flags (used with ``--method ssd``) to `parser`."""
+    g = parser.add_argument_group("speculative speculative decoding (--method ssd)")
+    g.add_argument("--fanout", default="uniform", choices=FANOUTS, help="fan-out allocation over k")
+    g.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="branches pre-speculated per round (>= gamma + 1; default 3(gamma + 1))",
+    )
+    g.add_argument(
+        "--saguaro-c",
+        type=float,
+        default=1.0,
+        help="Saguaro sampling constant C in (0, 1] (1 = plain sampling)",
+    )
+    g.add_argument(
+        "--fallback", default="jit", choices=FALLBACKS, help="on a cache miss: jit draft or fast backup"
+    )
+    g.add_argument(
+        "--fast-backup", default="ngram", choices=FAST_BACKUPS, help="what --fallback fast proposes"
+    )
+    g.add_argument(
+        "--emulate-verify-ms",
+        type=float,
+        default=0.0,
+        help="sleep this long after each verification (emulates a large target; 0 = real mode)",
+    )
+    g.add_argument(
+        "--ssd-reply-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the speculator before the verifier finishes alone",
+    )
+
+
+def check_ssd_args(args: argparse.Namespace) -> None:
+    """Validate the SSD flags before loading anything; ValueError names the flag."""
+    if not getattr(args, "draft", None):
+        raise ValueError("--draft: --method ssd needs a draft model path (the speculator's model)")
+    if not os.path.exists(args.draft):
+        raise ValueError(f"--draft: {args.draft!r} does not exist")
+    try:
+        if args.budget is not None:
+            check_budget(args.budget, args.gamma)
+    except ValueError as err:
+        raise ValueError(f"--budget: {err}") from None
+    try:
+        check_saguaro_c(args.saguaro_c)
+    except ValueError as err:
+        raise ValueError(f"--saguaro-c: {err}") from None
+    em = args.emulate_verify_ms
+    if not math.isfinite(em) or em < 0:
+        raise ValueError(f"--emulate-verify-ms: expected a number >= 0, got {em}")
+    if not math.isfinite(args.ssd_reply_timeout) or args.ssd_reply_timeout <= 0:
+        raise ValueError(f"--ssd-reply-timeout: expected seconds > 0, got {args.ssd_reply_timeout}")
+    if getattr(args, "stop", None):
+        raise ValueError("--stop: stop strings are not supported with --method ssd (use EOS)")
+
+
+def load_draft_spec(spec: str, dtype: str = "float32") -> Any:
+    """The draft model at `spec` (hierspec .safetensors draft, .gguf, or transformers directory);
+    module-level so that ``functools.partial(load_draft_spec, ...)`` pickles to the speculator."""
+    from ..models.loading import load_draft_model
+
+    return load_draft_model(spec, _DTYPES[dtype])
+
+
+def run_ssd(
+    args: argparse.Namespace,
+    target: Any,
+    ids: list[int],
+    params: SamplingParams,
+    *,
+    eos_token_id: int | None = None,
+    tokenizer: Any = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> GenerationResult:
+    """One SSD generation for the CLI: verifier here, speculator in its own process."""
+    from .session import SSDSession
+
+    spec = functools.partial(load_draft_spec, args.draft, getattr(args, "dtype", "float32"))
+    with SSDSession(target, spec, reply_timeout_s=args.ssd_reply_timeout) as session:
+        return session.generate(
+            ids,
+            gamma=args.gamma,
+            params=params,
+            max_new_tokens=args.max_new_tokens,
+            fanout=args.fanout,
+            budget=args.budget,
+            saguaro_c=args.saguaro_c,
+            fallback=args.fallback,
+            fast_backup=args.fast_backup,
+            emulate_verify_ms=args.emulate_verify_ms,
+            seed=args.seed,
+            eos_token_id=eos_token_id,
+            tokenizer=tokenizer,
+            rule=getattr(args, "rule", "token"),
+            on_tokens=on_tokens,
+        )
+
+
+def ssd_summary_lines(stats: SSDStats) -> list[str]:
+    """Human-readable SSD statistics (for stderr)."""
+    per_k = ", ".join(f"k={k}: {r:.2f}" for k, r in enumerate(stats.hit_rate_per_k))
+    lines = [
+        f"SSD: hit rate {stats.hit_rate:.2f} ({stats.num_hits}/{stats.num_predicted_rounds} rounds; per k: "
+        f"{per_k or '-'}), bonus-token accuracy {stats.bonus_accuracy:.2f} "
+        f"(top-1 {stats.bonus_top1_accuracy:.2f})",
+        f"E_hit {stats.e_hit:.2f}, E_miss {stats.e_miss:.2f} tokens/round; T_v {1e3 * stats.t_v:.2f} ms, "
+        f"T_p {1e3 * stats.t_p:.2f} ms (T_p/T_v {stats.t_p_over_t_v:.2f}), T_b {1e3 * stats.t_b:.2f} ms; "
+        f"fallbacks: jit {stats.num_fallback_jit}, fast {stats.num_fallback_fast}",
+    ]
+    pred = stats.cost_prediction()
+    if pred is not None:
+        lines.append(
+            f"cost model: predicted {pred.tokens_per_second:.1f} tok/s, "
+            f"measured {stats.tokens_per_second:.1f} tok/s"
+        )
+    lines += [f"fault: {e}" for e in stats.fallback_events]
+    return lines

@@ -1,0 +1,518 @@
+"""The SSD verifier and the launcher: `SSDSession` (many generations, one speculator process) and
+`generate_ssd` (one generation).
+
+The verifier is the calling process (rank 0, holding the live target); the speculator is a
+spawned process (rank 1) that re-creates the draft from a picklable spec (a draft-file path, a
+factory callable, or a picklable model object). Per round the verifier
+
+    sends the outcome key (k, t) of the last round   -> the speculator answers at once with the
+    next draft s_1..s_n and its rows q' (hit: from the speculation cache; miss: fallback)
+    verifies [x_L, s_1..s_n] with the target (+ `emulate_verify_ms` of sleep), commits
+    X_1..X_tau, Y and makes (tau, Y) the next key
+
+while the speculator pre-speculates the draft after every likely outcome of s_1..s_n. Every draft
+is verified with `speculative_step` against the exact rows it was drawn from (q', or one-hot for
+fast backups), so the output is distributed exactly as the processed target, and is
+token-identical to greedy decoding at temperature 0 (the verifier's randomness is its own
+stream, `make_generators(seed)[1]`).
+
+Faults: if the speculator process dies, closes its connection, or does not answer within
+`reply_timeout_s`, the verifier records the event in ``stats.fallback_events`` and finishes the
+generation alone -- speculative decoding with a local copy of the draft (`fault_fallback="sd"`)
+or plain autoregressive decoding ("ar") -- from the committed context, so the output stays exact
+and complete. Later generations of the session run alone too.
+
+Launcher: `SSDSession` starts the speculator with torch.multiprocessing "spawn" (so, as for any
+spawn-based code, a script must guard its entry point with ``if __name__ == "__main__":``), waits
+for it to report ready, and on `close()` (also on errors and at exit: it is a daemon) asks it to
+exit, then kills it; the caller's CPU affinity and torch thread count are restored. With more
+than one allowed core, the verifier pins itself to the first and the speculator to the second;
+both use one torch thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..drafters.base import Draft
+from ..drafters.model import ModelDrafter
+from ..engine import GenerationResult, check_generate_args
+from ..models.base import LanguageModel
+from ..sampling import SamplingParams, make_generators
+from ..step import speculative_step
+from ..verify import get_rule
+from .channel import LocalChannel, ProcessChannel, SpeculatorFault, make_process_group, speculator_main
+from .options import SSDOptions
+from .speculator import Speculator
+from .stats import SSDStats
+
+MODES = ("process", "local")
+FAULT_FALLBACKS = ("sd", "ar")
+_MODEL_ATTRS = ("forward", "crop", "reset", "vocab_size", "max_length")
+
+
+def _is_model(obj: Any) -> bool:
+    return all(hasattr(obj, a) for a in _MODEL_ATTRS)
+
+
+def check_draft_spec(spec: Any) -> None:
+    """Cheap checks of a draft spec in the verifier, before any process starts."""
+    if isinstance(spec, (str, os.PathLike)):
+        if not os.path.exists(os.fspath(spec)):
+            raise ValueError(
+                f"draft: {os.fspath(spec)!r} does not exist (expected a draft file or directory)"
+            )
+    elif not (_is_model(spec) or callable(spec)):
+        raise ValueError(
+            "draft: expected a draft file path, a picklable callable returning a LanguageModel, or a "
+            f"picklable LanguageModel, got {type(spec).__name__}"
+        )
+
+
+def build_draft_model(spec: Any) -> LanguageModel:
+    """The draft `LanguageModel` from its spec (see `check_draft_spec`); runs in the speculator."""
+    check_draft_spec(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        path = os.fspath(spec)
+        if path.endswith(".safetensors"):
+            from ..models.draft import load_draft
+
+            model = load_draft(path)
+        else:
+            from ..models import HFModel
+
+            if path.endswith(".gguf"):
+                model = HFModel.from_pretrained(
+                    os.path.dirname(path) or ".", gguf_file=os.path.basename(path)
+                )
+            else:
+                model = HFModel.from_pretrained(path)
+    elif _is_model(spec):
+        model = spec
+    else:
+        model = spec()
+    if not _is_model(model):
+        raise ValueError(f"draft: the spec produced a {type(model).__name__}, not a LanguageModel")
+    return model
+
+
+class FixedDrafter:
+    """A drafter that proposes a given draft (truncated to the requested length)."""
+
+    vocab_size = None
+
+    def __init__(self, draft: Draft) -> None:
+        self.draft = draft
+
+    def propose(self, context, num_tokens, params=None, generator=None) -> Draft:
+        n = min(num_tokens, self.draft.num_tokens)
+        probs = None if self.draft.probs is None else self.draft.probs[:, :n]
+        return Draft(self.draft.tokens[:, :n], probs)
+
+    def reset(self) -> None:
+        pass
+
+
+class SSDSession:
+    """A verifier with a running speculator; `generate` may be called many times.
+
+    target: the live target `LanguageModel`. draft: see `check_draft_spec`. mode: "process" (two
+    processes over torch.distributed) or "local" (speculator in this process, sequential).
+    backend: "gloo" (CPU, loopback) or "nccl" (GPU; buffers on CUDA). port: TCP port of the
+    rendezvous store (None: a free one). pin_cores: pin verifier / speculator to the first / second
+    allowed core. start_timeout_s: how long the speculator may take to load the draft.
+    reply_timeout_s: per-round answer deadline before the verifier goes on alone. fault_fallback:
+    "sd" (local draft) or "ar".
+
+    Raises (before any generation, with no process left behind): ValueError for a bad argument
+    (named), RuntimeError when the rendezvous port cannot be bound or the speculator cannot start.
+    """
+
+    def __init__(
+        self,
+        target: LanguageModel,
+        draft: Any,
+        *,
+        mode: str = "process",
+        backend: str = "gloo",
+        port: int | None = None,
+        pin_cores: bool = True,
+        start_timeout_s: float = 180.0,
+        reply_timeout_s: float = 60.0,
+        fault_fallback: str = "sd",
+    ) -> None:
+        if not _is_model(target):
+            raise ValueError(f"target: expected a LanguageModel, got {type(target).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend: expected 'gloo' or 'nccl', got {backend!r}")
+        if fault_fallback not in FAULT_FALLBACKS:
+            raise ValueError(f"fault_fallback: expected one of {FAULT_FALLBACKS}, got {fault_fallback!r}")
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536
+        ):
+            raise ValueError(f"port: expected an integer in [0, 65536) or None, got {port!r}")
+        for name, val in (("start_timeout_s", start_timeout_s), ("reply_timeout_s", reply_timeout_s)):
+            if not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+                raise ValueError(f"{name}: expected a positive number of seconds, got {val!r}")
+        check_draft_spec(draft)
+        self.target, self.draft_spec, self.mode = target, draft, mode
+        self.fault_fallback = fault_fallback
+        self.reply_timeout_s = float(reply_timeout_s)
+        self.faulted = False
+        self.proc: Any = None
+        self._local_model: LanguageModel | None = None
+        self._saved_affinity: set[int] | None = None
+        self._saved_threads: int | None = None
+        self._closed = False
+        if mode == "local":
+            self._local_model = build_draft_model(draft)
+            self._check_vocab(int(self._local_model.vocab_size))
+            self.channel: LocalChannel | ProcessChannel = LocalChannel(Speculator(self._local_model))
+        else:
+            self.channel = self._launch(backend, port, pin_cores, float(start_timeout_s))
+
+    # ------------------------------------------------------------------ launcher
+    def _check_vocab(self, v: int) -> None:
+        if v != self.target.vocab_size:
+            raise ValueError(
+                f"draft: its vocabulary has {v} tokens but the target's has {self.target.vocab_size}; "
+                "a draft must share the target's tokenizer"
+            )
+
+    def _launch(self, backend: str, port: int | None, pin: bool, start_timeout: float) -> ProcessChannel:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        child_cpu = cpus[1] if pin and len(cpus) > 1 else None
+        try:
+            store = dist.TCPStore(
+                "127.0.0.1",
+                port or 0,
+                2,
+                True,
+                timeout=datetime.timedelta(seconds=start_timeout),
+                wait_for_workers=False,
+            )
+        except (RuntimeError, OSError) as err:
+            raise RuntimeError(
+                f"port: cannot listen on 127.0.0.1:{port} for the speculator rendezvous "
+                f"(in use?): {str(err).splitlines()[0]}"
+            ) from None
+        ctx = mp.get_context("spawn")
+        conn, child_conn = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=speculator_main,
+            args=(child_conn, store.port, self.draft_spec, backend, child_cpu),
+            daemon=True,
+            name="hierspec-ssd-speculator",
+        )
+        try:
+            proc.start()
+        except Exception as err:
+            self._kill(proc)
+            raise ValueError(f"draft: the spec cannot be sent to the speculator process: {err}") from None
+        child_conn.close()
+        self.proc = proc
+        try:
+            msg = self._wait_ready(conn, proc, start_timeout)
+            if msg[0] == "error":
+                raise RuntimeError(f"draft: the speculator process could not start: {msg[1]}")
+            self._check_vocab(int(msg[1]))
+            pg = make_process_group(backend, store, 0, datetime.timedelta(seconds=start_timeout))
+        except BaseException:
+            self._kill(proc)
+            self.proc = None
+            raise
+        self._store = store  # keep the rendezvous alive with the group
+        if pin and len(cpus) > 1:
+            self._saved_affinity = set(cpus)
+            os.sched_setaffinity(0, {cpus[0]})
+        self._saved_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        device = "cuda" if backend == "nccl" else "cpu"
+        return ProcessChannel(pg, int(msg[1]), device=device, reply_timeout_s=self.reply_timeout_s, proc=proc)
+
+    @staticmethod
+    def _wait_ready(conn: Any, proc: Any, timeout: float) -> tuple:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if conn.poll(0.1):
+                try:
+                    return conn.recv()
+                except EOFError:
+                    break
+            if not proc.is_alive() and not conn.poll(0):
+                break
+        if proc.is_alive():
+            raise RuntimeError(f"draft: the speculator process did not become ready within {timeout:g} s")
+        raise RuntimeError(
+            f"draft: the speculator process exited during start-up (exit code {proc.exitcode})"
+        )
+
+    @staticmethod
+    def _kill(proc: Any) -> None:
+        if proc is None or proc.pid is None:
+            return
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+
+    @property
+    def speculator_pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def close(self) -> None:
+        """Stop the speculator (EXIT, then kill) and restore affinity and threads. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.channel.close()
+        finally:
+            if self.proc is not None:
+                self.proc.join(2 if not self.faulted else 0.1)
+                self._kill(self.proc)
+            if self._saved_affinity is not None:
+                os.sched_setaffinity(0, self._saved_affinity)
+            if self._saved_threads is not None:
+                torch.set_num_threads(self._saved_threads)
+
+    def __enter__(self) -> SSDSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ verifier
+    def _fault(self, stats: SSDStats, err: BaseException, done: int) -> None:
+        self.faulted = True
+        alone = "speculative decoding with a local draft" if self.fault_fallback == "sd" else "autoregressive"
+        stats.fallback_events.append(
+            f"speculator fault after {done} tokens ({err}); the verifier continued alone ({alone})"
+        )
+
+    def _local_drafter(self) -> ModelDrafter | None:
+        if self.fault_fallback == "ar":
+            return None
+        if self._local_model is None:
+            self._local_model = build_draft_model(self.draft_spec)
+        return ModelDrafter(self._local_model)
+
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | Sequence[int],
+        *,
+        gamma: int = 4,
+        params: SamplingParams | None = None,
+        max_new_tokens: int = 128,
+        fanout: str = "uniform",
+        budget: int | None = None,
+        saguaro_c: float = 1.0,
+        fallback: str = "jit",
+        fast_backup: str = "ngram",
+        emulate_verify_ms: float = 0.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        tokenizer: Any = None,
+        rule: str = "token",
+        on_tokens: Callable[[list[int]], None] | None = None,
+        force_miss: bool = False,
+        report_unmodified_q: bool = False,
+    ) -> GenerationResult:
+        """One SSD generation (see module docstring and `SSDOptions` for the knobs).
+
+        emulate_verify_ms: sleep this long after every verification (a large target's latency;
+        the sleeping core is free, so the speculator truly overlaps). rule: verification rule at
+        temperature > 0 ("token" makes the excluded-own-token fork exact; "block"/"hsd" stay
+        lossless). Returns `GenerationResult` with `SSDStats`.
+        """
+        if self._closed:
+            raise RuntimeError("session: already closed")
+        params = params or SamplingParams()
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+        if prompt.dim() == 1:
+            prompt = prompt[None]
+        check_generate_args(self.target, prompt, None, gamma, max_new_tokens)
+        em = emulate_verify_ms
+        if isinstance(em, bool) or not isinstance(em, (int, float)) or not math.isfinite(em) or em < 0:
+            raise ValueError(f"emulate_verify_ms: expected a number >= 0, got {em!r}")
+        verify_rule = get_rule("greedy" if params.greedy else rule)
+        if seed is None:
+            seed = random.getrandbits(62)
+        total = min(max_new_tokens, self.target.max_length - prompt.shape[1])
+        opts = SSDOptions(
+            gamma=gamma,
+            budget=budget,
+            fanout=fanout,
+            saguaro_c=saguaro_c,
+            fallback=fallback,
+            fast_backup=fast_backup,
+            params=params,
+            seed=seed,
+            max_new_tokens=total,
+            force_miss=force_miss,
+            report_unmodified_q=report_unmodified_q,
+        )
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+        g_local, g_verify = make_generators(seed)
+        stats = SSDStats(prompt_tokens=prompt.shape[1], mode=self.mode)
+        target = self.target
+
+        t0 = time.perf_counter()
+        target.reset()
+        if prompt.shape[1] > 1:
+            target.forward(prompt[:, :-1].to(target.device))
+        stats.time_prefill = time.perf_counter() - t0
+
+        t_start = time.perf_counter()
+        local = None
+        if self.faulted:
+            stats.fallback_events.append("speculator unavailable (earlier fault): decoding alone")
+        else:
+            try:
+                self.channel.start(prompt[0].tolist(), opts)
+            except SpeculatorFault as err:
+                self._fault(stats, err, 0)
+        context, new, key, finish = prompt, [], None, "length"
+        while len(new) < total:
+            k_max = min(gamma, total - len(new) - 1)
+            prop = None
+            if not self.faulted:
+                tw = time.perf_counter()
+                try:
+                    prop = self.channel.request(key)
+                except SpeculatorFault as err:
+                    self._fault(stats, err, len(new))
+                stats.time_wait += time.perf_counter() - tw
+            if prop is not None:
+                probs = None if prop.probs is None else prop.probs[None, :k_max]
+                drafter: Any = FixedDrafter(
+                    Draft(torch.tensor([prop.tokens[:k_max]], dtype=torch.long), probs)
+                )
+                stats.num_fallback_jit += prop.source == "jit"
+                stats.num_fallback_fast += prop.source == "fast"
+                stats.time_fallback += prop.t_fallback
+                if prop.t_build > 0:
+                    stats.time_speculate += prop.t_build
+                    stats.num_builds += 1
+            else:
+                if local is None:
+                    local = self._local_drafter() or False
+                drafter = local or None
+            tv = time.perf_counter()
+            res = speculative_step(
+                target, context, drafter, verify_rule, k_max, params, g_local, g_verify, stats
+            )
+            if em > 0:
+                te = time.perf_counter()
+                time.sleep(em / 1e3)
+                stats.time_emulated += time.perf_counter() - te
+            stats.record_round(
+                status=prop.status if prop is not None else "local",
+                prev_k=None if key is None else key[0],
+                fk=prop.fk if prop is not None else -1,
+                rank=prop.rank if prop is not None else -1,
+                emitted=len(res.tokens),
+                t_verify=time.perf_counter() - tv,
+            )
+            step = res.tokens
+            key = (res.accepted, step[-1])
+            for i, tok in enumerate(step):
+                if tok in eos:
+                    step, finish = step[: i + 1], "eos"
+                    break
+            new.extend(step)
+            context = torch.cat([context, torch.tensor([step], dtype=torch.long)], 1)
+            if on_tokens is not None:
+                on_tokens(step)
+            if finish != "length":
+                break
+        if not self.faulted:
+            try:
+                self.channel.end()
+            except SpeculatorFault as err:
+                self._fault(stats, err, len(new))
+        stats.time_decode = time.perf_counter() - t_start
+        stats.num_generated_tokens = len(new)
+        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+        return GenerationResult(new, finish, stats, text, prompt[0].tolist())
+
+
+def generate_ssd(
+    target: LanguageModel,
+    draft: Any,
+    prompt_ids: torch.Tensor | Sequence[int],
+    *,
+    gamma: int = 4,
+    params: SamplingParams | None = None,
+    max_new_tokens: int = 128,
+    fanout: str = "uniform",
+    budget: int | None = None,
+    saguaro_c: float = 1.0,
+    fallback: str = "jit",
+    fast_backup: str = "ngram",
+    emulate_verify_ms: float = 0.0,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    tokenizer: Any = None,
+    rule: str = "token",
+    mode: str = "process",
+    backend: str = "gloo",
+    port: int | None = None,
+    reply_timeout_s: float = 60.0,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> GenerationResult:
+    """One SSD generation: start the speculator, generate, stop it (see `SSDSession`).
+
+    All generation arguments are validated before the speculator process is started.
+    """
+    params = params or SamplingParams()
+    SSDOptions(
+        gamma=gamma,
+        budget=budget,
+        fanout=fanout,
+        saguaro_c=saguaro_c,
+        fallback=fallback,
+        fast_backup=fast_backup,
+        params=params,
+        max_new_tokens=max(1, max_new_tokens),
+    )
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+    check_generate_args(target, prompt[None] if prompt.dim() == 1 else prompt, None, gamma, max_new_tokens)
+    get_rule("greedy" if params.greedy else rule)
+    with SSDSession(
+        target, draft, mode=mode, backend=backend, port=port, reply_timeout_s=reply_timeout_s
+    ) as s:
+        return s.generate(
+            prompt_ids,
+            gamma=gamma,
+            params=params,
+            max_new_tokens=max_new_tokens,
+            fanout=fanout,
+            budget=budget,
+            saguaro_c=saguaro_c,
+            fallback=fallback,
+            fast_backup=fast_backup,
+            emulate_verify_ms=emulate_verify_ms,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            tokenizer=tokenizer,
+            rule=rule,
+            on_tokens=on_tokens,
+        )
