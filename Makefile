@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 run: venv
-	$(VENV)/bin/hierspec generate --chat --compare --max-new-tokens 128 --prompt "$(PROMPT)"
+	$(VENV)/bin/hierspec generate --chat --compare --method draft --max-new-tokens 128 --prompt "$(PROMPT)"
 
 test: venv
 	$(VENV)/bin/ruff check src tests

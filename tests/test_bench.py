@@ -380,7 +380,7 @@ def test_quick_preset_and_overrides(tmp_path):
 def test_parse_self_speculation_and_hierarchy_methods(tmp_path):
     m = harness.parse_method("hispec")
     assert m.kind == "hispec" and m.exits == (4, 8) and (m.nd, m.ni) == (2, 4)
-    m = harness.parse_method("hispec:4,8,3,6")
+    m = harness.parse_method("hispec:4/8/3/6")
     assert m.exits == (4, 8) and (m.nd, m.ni) == (3, 6)
     assert harness.parse_method("early-exit").exits == (4,)
     assert harness.parse_method("hf-early-exit:6").exits == (6,)
@@ -388,10 +388,10 @@ def test_parse_self_speculation_and_hierarchy_methods(tmp_path):
     m = harness.parse_method(f"hierarchy:ngram+{path}@2+{path}")
     assert m.levels == (("ngram", 0), (path, 2), (path, 3)) and m.paths == [path, path]
     for bad, msg in [
-        ("hispec:8,4", "must come before"),
+        ("hispec:8/4", "must come before"),
         ("hispec:4", "2 or 4 integers"),
-        ("hispec:3,8", "no shipped early-exit head at layer 3"),
-        ("early-exit:x", "comma-separated integers"),
+        ("hispec:3/8", "no shipped early-exit head at layer 3"),
+        ("early-exit:x", "separated by"),
         (f"hierarchy:{path}+ngram", "only be the bottom"),
         ("hierarchy:ngram", "at least one draft model"),
         ("hierarchy:/nonexistent", "does not exist"),
@@ -426,7 +426,7 @@ def test_run_bench_self_speculation_and_hierarchy(tmp_path):
         out=tmp_path / "o",
         methods=[
             MethodSpec("ar", "ar"),
-            MethodSpec("hispec:1,2", "hispec", exits=(1, 2), nd=2, ni=3),
+            MethodSpec("hispec:1/2", "hispec", exits=(1, 2), nd=2, ni=3),
             MethodSpec("early-exit:1", "early-exit", exits=(1,)),
             MethodSpec("hierarchy", "hierarchy", levels=(("ngram", 0), (path, 2))),
         ],

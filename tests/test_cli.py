@@ -40,7 +40,7 @@ def test_generate_unknown_choices(capsys, extra):
 @pytest.mark.parametrize(
     "extra,msg",
     [
-        ([], "needs --levels"),
+        (["--gammas", "3"], "--gammas needs --levels"),
         (["--levels", "a,ngram"], "'ngram' can only be the bottom level"),
         (["--levels", "ngram"], "at least one draft model"),
         (["--levels", "ngram,a,b", "--gammas", "3"], "expected 2 integers >= 1"),

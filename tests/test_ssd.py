@@ -91,12 +91,29 @@ def test_cost_model():
             ssd_speedup(**args)
 
 
+def _draft_lm_pair():
+    from hierspec.models.draft import DraftConfig, DraftLM
+
+    cfg = DraftConfig(vocab_size=16, n_vocab=12, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_length=128)
+    vm = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 15])
+    d1 = DraftLM(cfg, vm, dtype=torch.float64, seed=3)
+    with torch.no_grad():
+        d1.embed.weight.mul_(40.0)  # peaked rows, so branches differ
+    d2 = DraftLM(cfg, vm, dtype=torch.float64)
+    d2.load_state_dict(d1.state_dict())
+    return d1, d2
+
+
+@pytest.mark.parametrize("kind", ["tiny", "draft-lm"])
 @pytest.mark.parametrize("temp", [0.0, 1.0])
-def test_tree_decode_equals_sequential_branches(temp):
+def test_tree_decode_equals_sequential_branches(temp, kind):
     """The batched tree decode draws the same branch drafts, from the same q' rows, as decoding
-    each branch on its own (float64), round after round."""
-    _, d1 = make_tiny_pair(vocab_size=16, seed=5, dtype=torch.float64)
-    d2 = TinyGPT(d1.config, dtype=torch.float64)
+    each branch on its own (float64), round after round (TinyGPT and DraftLM drafts)."""
+    if kind == "tiny":
+        _, d1 = make_tiny_pair(vocab_size=16, seed=5, dtype=torch.float64)
+        d2 = TinyGPT(d1.config, dtype=torch.float64)
+    else:
+        d1, d2 = _draft_lm_pair()
     opts = SSDOptions(
         gamma=3,
         budget=9,

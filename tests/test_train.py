@@ -524,3 +524,50 @@ def test_cli_pipeline_end_to_end_and_resume(tmp_path) -> None:
     ee_argv += ["--exit-layer", "2", "--adapter-dim", "8", "--data-dir", str(out / "data")]
     summary = run(build_parser().parse_args(ee_argv), target, tok)
     assert (tmp_path / "ee" / "early_exit.safetensors").is_file()
+
+
+def test_copy_layers_init_reproduces_the_target() -> None:
+    """A draft of the target's width initialised with all its layers computes the target's
+    logits on the reduced vocabulary; a wrong shape is refused."""
+    transformers = pytest.importorskip("transformers")
+    from hierspec.models.draft import DraftConfig, DraftLM
+    from hierspec.train.cli import rope_theta
+    from hierspec.train.distill import TrainError, init_draft_from_target_layers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=1e4,
+        tie_word_embeddings=True,
+    )
+    hf = transformers.LlamaForCausalLM(cfg).double().eval()
+    vm = torch.arange(0, 40, 2)
+    dc = DraftConfig(
+        vocab_size=40,
+        n_vocab=20,
+        n_layer=3,
+        d_model=32,
+        n_head=4,
+        n_kv_head=2,
+        d_ff=48,
+        rope_theta=rope_theta(hf.config),
+        norm_eps=cfg.rms_norm_eps,
+        max_length=64,
+    )
+    draft = DraftLM(dc, vm, dtype=torch.float64)
+    init_draft_from_target_layers(draft, hf, [0, 1, 2])
+    ids = torch.tensor([[0, 4, 8, 2, 6, 10, 12]])  # all inside vocab_map
+    ref = hf(input_ids=ids).logits[0][:, vm]
+    out = draft.forward(ids).logits[0][:, vm]
+    # transformers' RMSNorm computes in float32 even for float64 models: agreement to ~1e-7
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert rope_theta(hf.config) == 1e4
+    small = DraftLM(DraftConfig(vocab_size=40, n_vocab=20, n_layer=1, d_model=16, n_head=2), vm)
+    with pytest.raises(TrainError, match="d_model"):
+        init_draft_from_target_layers(small, hf, [0])

@@ -136,13 +136,37 @@ def _load_level(spec: str, target, dtype: torch.dtype):
     return model
 
 
-def _parse_levels(levels: str | None, gammas: str | None) -> tuple[list[str], list[int]]:
-    """Validate --levels/--gammas before any model is loaded."""
+def planned_stack(dtype: str = "float32") -> tuple[list[str], list[int], int, object]:
+    """The planner's fastest stack of the shipped drafts from the shipped calibration of this
+    project's machine: (levels bottom first, their gammas, the target's gamma, the Plan).
+
+    A chain m_0 -> m_1 -> ... -> target with batch lengths n_0, n_1, ... becomes levels m_0, m_1,
+    ... where level m_{i+1} drafts n_i tokens per step with level m_i (the bottom samples plainly)
+    and the target verifies the last batch length."""
+    from .calibrate import Calibration
+    from .models import shipped
+    from .planner import plan
+
+    path = shipped.calibration_path(dtype)
+    cal = Calibration.load(path)
+    ranked = [pl for pl in plan(cal.alpha_matrix(), cal.cost, n_max=8, top=5) if len(pl.chain) > 1]
+    if not ranked:
+        raise CliError(f"the shipped calibration {path} plans no stack with a draft")
+    best = ranked[0]
+    names = [cal.names[i] for i in best.chain[:-1]]
+    gammas = [1, *best.batches[:-1]]  # the bottom level has no drafter: its gamma is unused
+    return names, gammas, best.batches[-1], best
+
+
+def _parse_levels(
+    levels: str | None, gammas: str | None, dtype: str = "float32"
+) -> tuple[list[str], list[int]]:
+    """Validate --levels/--gammas before any model is loaded (no --levels: the planned stack)."""
     if not levels:
-        raise CliError(
-            "--method hierarchy needs --levels (no trained drafts are shipped yet, so "
-            "there is no planned default stack)"
-        )
+        if gammas:
+            raise CliError("--gammas needs --levels (without --levels the planner picks both)")
+        names, gs, _, _ = planned_stack(dtype)
+        return names, gs
     specs = [x.strip() for x in levels.split(",") if x.strip()]
     if "ngram" in specs[1:]:
         raise CliError("--levels: 'ngram' can only be the bottom level")
@@ -167,7 +191,9 @@ def _make_drafter(args, target):
     if args.method == "ngram":
         return NgramDrafter()
     if args.method == "hierarchy":
-        specs, gammas = _parse_levels(args.levels, args.gammas)
+        specs, gammas = _parse_levels(args.levels, args.gammas, args.dtype)
+        if not args.levels:
+            args.gamma = planned_stack(args.dtype)[2]
         bottom = NgramDrafter() if specs[0] == "ngram" else None
         models = [
             _load_level(_draft_spec(p), target, DTYPES[args.dtype]) for p in specs[bottom is not None :]
@@ -257,7 +283,7 @@ def _generate(args) -> int:
     if not args.prompt.strip():
         raise CliError("--prompt is empty")
     if args.method == "hierarchy":
-        _parse_levels(args.levels, args.gammas)
+        _parse_levels(args.levels, args.gammas, args.dtype)
     if args.method == "ssd":
         from .ssd.cli import check_ssd_args
 

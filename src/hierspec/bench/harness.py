@@ -72,7 +72,7 @@ METHOD_KINDS = (
 )
 METHOD_SYNTAX = (
     "ar, ngram, draft:NAME|PATH, hierarchy:LEVEL+LEVEL+... (bottom first; LEVEL = ngram | NAME | PATH, "
-    "optionally @GAMMA, default 3), early-exit[:L], hispec[:Ld,Li[,Nd,Ni]], hf-ngram, hf-draft:PATH, "
+    "optionally @GAMMA, default 3), early-exit[:L], hispec[:Ld/Li[/Nd/Ni]], hf-ngram, hf-draft:PATH, "
     "hf-early-exit:L"
 )
 SPEC_RULES = ("token", "block", "hsd")
@@ -137,9 +137,9 @@ def _draft_file(text: str, spec: str) -> str:
 
 def _ints(text: str, arg: str, n_allowed: tuple[int, ...]) -> list[int]:
     try:
-        vals = [int(x) for x in arg.split(",")]
+        vals = [int(x) for x in arg.split("/")]
     except ValueError:
-        raise BenchError(f"method {text!r}: expected comma-separated integers, got {arg!r}") from None
+        raise BenchError(f"method {text!r}: expected integers separated by '/', got {arg!r}") from None
     if len(vals) not in n_allowed or any(v < 1 for v in vals):
         raise BenchError(f"method {text!r}: expected {' or '.join(map(str, n_allowed))} integers >= 1")
     return vals

@@ -4,7 +4,8 @@
     exit heads   early-exit heads on the frozen target (`hierspec.models.early_exit`), by exit layer
 
 Each file has a model card next to it (same stem, ``.md``) with its data, training time, size
-and measured numbers. ``DEFAULT_DRAFT`` is the draft ``hierspec generate --method draft`` uses
+and measured numbers; ``calibration-<dtype>.json`` is the planner's calibration of the drafts
+on this project's machine. ``DEFAULT_DRAFT`` is the draft ``hierspec generate --method draft`` uses
 when no ``--draft`` is given; ``DEFAULT_EXITS`` are HiSpec's (L_d, L_i) defaults.
 """
 
@@ -18,6 +19,7 @@ __all__ = [
     "DRAFTS",
     "EXIT_HEADS",
     "WEIGHTS_DIR",
+    "calibration_path",
     "draft_path",
     "exit_head_path",
 ]
@@ -53,3 +55,9 @@ def _existing(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"shipped weights {path} are missing (a broken install?)")
     return path
+
+
+def calibration_path(dtype: str = "float32") -> Path:
+    """The shipped calibration (`hierspec calibrate` of the shipped drafts on this project's
+    machine) that ``--method hierarchy`` plans its default stack from."""
+    return _existing(WEIGHTS_DIR / f"calibration-{dtype}.json")

@@ -14,7 +14,7 @@ R left before it is verified:
                           tree:  for every branch (k, t): sample n_b tokens after c s_1..s_k t
                                  from q' = Saguaro(q); cache[(k, t)] = (tokens, q' rows)
 
-The cache is rebuilt from scratch every round. For a `TinyGPT` draft the branches advance
+The cache is rebuilt from scratch every round. For a `TinyGPT` or `DraftLM` draft the branches advance
 together: max n_b batched tree-decode steps with a per-branch prefix mask and scratch K/V
 (`tree.py`). Any other `LanguageModel` decodes them one after another on its own KV cache, in
 decreasing k, each cropping back to its own prefix (the cache holds c s_1..s_k after the glue),
@@ -83,7 +83,9 @@ class Speculator:
 
     def __init__(self, model: LanguageModel, tree: bool | None = None) -> None:
         if tree and not supports_tree(model):
-            raise ValueError(f"tree: batched tree decode needs a TinyGPT draft, got {type(model).__name__}")
+            raise ValueError(
+                f"tree: batched tree decode needs a TinyGPT or DraftLM draft, got {type(model).__name__}"
+            )
         self.model = model
         self.tree = supports_tree(model) if tree is None else bool(tree)
         self.vocab_size = int(model.vocab_size)

@@ -39,6 +39,7 @@ from hierspec.train.distill import (
     describe_student,
     export_student,
     init_draft_from_target,
+    init_draft_from_target_layers,
     load_checkpoint,
     train,
     trainable_module,
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kv-heads", type=int, default=None)
     m.add_argument("--d-ff", type=int, default=None)
     m.add_argument("--no-init-from-target", action="store_true", help="standalone: random embeddings")
+    m.add_argument(
+        "--copy-layers",
+        default=None,
+        help="standalone: initialise as a copy of these target layers, e.g. 0,1,29 (the draft then has "
+        "the target's width; --layers/--d-model/--heads/--kv-heads/--d-ff are taken from the target)",
+    )
     m.add_argument("--exit-layer", type=int, default=4, help="early-exit: target layers kept")
     m.add_argument("--adapter-dim", type=int, default=0, help="early-exit: residual adapter width")
     t = ap.add_argument_group("training")
@@ -96,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     t.add_argument("--no-progress", action="store_true")
     return ap
+
+
+def rope_theta(config: Any) -> float:
+    """RoPE base of a transformers config (``rope_parameters`` in transformers 5, ``rope_theta``
+    before)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    theta = theta or getattr(config, "rope_theta", None)
+    if not theta:
+        raise TrainError("the target's config has no RoPE base (rope_parameters / rope_theta)")
+    return float(theta)
 
 
 def _student_from_checkpoint(ck: dict[str, Any], target: Any) -> DraftLM | EarlyExitDraft:
@@ -172,6 +190,12 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
             summary["vocab"] = report
         elif args.kind == "standalone":
             raise SystemExit("a standalone draft needs --vocab R > 0")
+        copy = [int(x) for x in args.copy_layers.split(",")] if args.copy_layers else None
+        if args.kind == "standalone" and copy:
+            tc = hf.config.get_text_config(decoder=True)
+            args.layers, args.d_model = len(copy), int(tc.hidden_size)
+            args.heads, args.kv_heads = int(tc.num_attention_heads), int(tc.num_key_value_heads)
+            args.d_ff = int(tc.intermediate_size)
         if args.kind == "standalone":
             config = DraftConfig(
                 vocab_size=vocab_size,
@@ -181,11 +205,14 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
                 n_head=args.heads,
                 n_kv_head=args.kv_heads,
                 d_ff=args.d_ff,
-                rope_theta=float(getattr(hf.config, "rope_theta", None) or 1e5),
+                rope_theta=rope_theta(hf.config),
+                norm_eps=float(getattr(hf.config.get_text_config(decoder=True), "rms_norm_eps", 1e-5)),
                 max_length=int(hf.config.max_position_embeddings),
             )
             student = DraftLM(config, vocab_map, seed=args.seed)
-            if not args.no_init_from_target:
+            if copy:
+                init_draft_from_target_layers(student, hf, copy)
+            elif not args.no_init_from_target:
                 init_draft_from_target(student, hf)
         else:
             student = build_early_exit(hf, args.exit_layer, vocab_map=vocab_map, adapter_dim=args.adapter_dim)

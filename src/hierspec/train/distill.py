@@ -67,6 +67,7 @@ __all__ = [
     "describe_student",
     "export_student",
     "init_draft_from_target",
+    "init_draft_from_target_layers",
     "kd_loss",
     "load_checkpoint",
     "save_checkpoint",
@@ -185,6 +186,65 @@ def init_draft_from_target(draft: DraftLM, target: Any) -> None:
     w[proj.shape[0]] = proj.mean(0).to(w)
     if draft.lm_head is not None:
         draft.lm_head.weight.copy_(proj.to(draft.lm_head.weight))
+
+
+@torch.no_grad()
+def init_draft_from_target_layers(draft: DraftLM, target: Any, layers: list[int]) -> None:
+    """Initialise a draft of the target's width as a copy of some of its layers (layer-dropping
+    self-distillation): the embedding rows at ``vocab_map`` (UNK = their mean), the decoder
+    layers ``layers`` (in order) and the final norm. With the target's tied head the draft's
+    tied head is then exactly the target's LM-head rows at ``vocab_map``, so before training the
+    draft computes the target's own forward with every other layer skipped (all layers given:
+    the target's logits restricted to the reduced vocabulary).
+
+    The draft's config must match the target's layer shapes (d_model, heads, KV heads, d_ff,
+    rope_theta); a Llama-layout transformers target is expected.
+    """
+    from hierspec.models.hf import HFModel
+
+    hf = target.model if isinstance(target, HFModel) else target
+    tc = hf.config.get_text_config(decoder=True)
+    c = draft.config
+    want = (
+        int(tc.hidden_size),
+        int(tc.num_attention_heads),
+        int(tc.num_key_value_heads),
+        int(tc.intermediate_size),
+    )
+    have = (c.d_model, c.n_head, c.kv_heads, c.ff_dim)
+    if want != have:
+        raise TrainError(
+            f"copying target layers needs the draft's (d_model, heads, kv_heads, d_ff) = the target's "
+            f"{want}, got {have}"
+        )
+    if len(layers) != c.n_layer or any(not 0 <= i < tc.num_hidden_layers for i in layers):
+        raise TrainError(
+            f"give {c.n_layer} target layer indices in 0..{tc.num_hidden_layers - 1}, got {layers}"
+        )
+    emb = hf.get_input_embeddings().weight.detach().float().cpu()[draft.vocab_map.cpu()]
+    w = draft.embed.weight
+    w[: emb.shape[0]] = emb.to(w)
+    w[emb.shape[0]] = emb.mean(0).to(w)
+    if draft.lm_head is not None:
+        head = hf.get_output_embeddings().weight.detach().float().cpu()[draft.vocab_map.cpu()]
+        draft.lm_head.weight.copy_(head.to(draft.lm_head.weight))
+    names = {
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "o_proj": "self_attn.o_proj",
+        "gate_proj": "mlp.gate_proj",
+        "up_proj": "mlp.up_proj",
+        "down_proj": "mlp.down_proj",
+    }
+    for mine, i in zip(draft.layers, layers, strict=True):
+        theirs = hf.model.layers[i]
+        for a, b in names.items():
+            src = theirs.get_submodule(b).weight.detach()
+            getattr(mine, a).weight.copy_(src.to(getattr(mine, a).weight))
+    draft.norm.weight.copy_(hf.model.norm.weight.detach().to(draft.norm.weight))
 
 
 # ============================================================================ data order
