@@ -193,7 +193,14 @@ def _make_drafter(args, target):
     if args.method == "hierarchy":
         specs, gammas = _parse_levels(args.levels, args.gammas, args.dtype)
         if not args.levels:
-            args.gamma = planned_stack(args.dtype)[2]
+            _, _, args.gamma, best = planned_stack(args.dtype)
+            note = "" if best.speedup >= 1 else " (slower than the target alone with the shipped drafts)"
+            print(
+                f"hierarchy: planned stack {' -> '.join(specs)} -> target, batch lengths "
+                f"{','.join(map(str, best.batches))}, predicted {1e3 * best.latency:.1f} ms/token = "
+                f"{best.speedup:.2f}x{note}",
+                file=sys.stderr,
+            )
         bottom = NgramDrafter() if specs[0] == "ngram" else None
         models = [
             _load_level(_draft_spec(p), target, DTYPES[args.dtype]) for p in specs[bottom is not None :]

@@ -282,7 +282,8 @@ def model_card(summary: dict[str, Any], student: Any, path: Path, argv: Sequence
     lines = [
         f"# {path.stem}",
         "",
-        f"A {'standalone draft model' if kind == 'standalone' else 'early-exit head on the frozen target'} "
+        ("A standalone draft model" if kind == "standalone" else "An early-exit head on the frozen target")
+        + " "
         "for SmolLM2-135M-Instruct (the model embedded in hierspec), distilled on CPU with "
         "`hierspec train-draft`.",
         "",
