@@ -158,7 +158,7 @@ def parse_method(text: str) -> MethodSpec:
             raise BenchError(f"method {text!r}: give the draft model, e.g. {kind}:PATH")
         return MethodSpec(text, kind, _draft_file(text, arg))
     if kind in ("draft", "hf-draft"):
-        raise BenchError(f"method {text!r} needs a draft model: {kind}:NAME or {kind}:PATH")
+        raise BenchError(f"method {text!r} needs a draft model path or shipped name: {kind}:PATH")
     if kind == "hierarchy":
         levels = []
         for i, part in enumerate(x for x in arg.split("+") if x):
