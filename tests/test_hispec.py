@@ -103,9 +103,9 @@ def test_views_match_fresh_prefill_under_random_operations():
             if v.head is None:
                 ref = full[start:]
             else:
-                from hierspec.models.layered import _head_logits
+                from hierspec.models.early_exit import exit_logits
 
-                ref = _head_logits(v.head, hs[v.exit_layer][0, start:], v.stack)
+                ref = exit_logits(v.head, hs[v.exit_layer][0, start:], hf.get_output_embeddings().weight)
             torch.testing.assert_close(logits, ref, atol=1e-10, rtol=0)
         check_stack(hf, views[0].stack)
 

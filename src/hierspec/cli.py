@@ -334,17 +334,7 @@ def _generate(args) -> int:
         seed=args.seed,
     )
 
-    printed = [""]
-    new_ids: list[int] = []
-
-    def stream(step: list[int]) -> None:
-        new_ids.extend(step)
-        text = tok.decode(new_ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed[0]) :])
-            sys.stdout.flush()
-            printed[0] = text
-
+    stream = _text_streamer(tok)
     # Warm-up (first-call allocation costs would otherwise land on the timed run).
     generate(engine_target, ids, drafter=drafter, **{**kw, "max_new_tokens": 4})
     if system is not None:
@@ -414,14 +404,35 @@ def _generate(args) -> int:
             file=err,
         )
     if ar is not None:
-        a = ar.stats
-        print(
-            f"plain decoding: {a.tokens_per_second:.1f} tok/s -> speed-up "
-            f"{s.tokens_per_second / max(a.tokens_per_second, 1e-9):.2f}x; output identical: "
-            f"{res.token_ids == ar.token_ids}",
-            file=err,
-        )
+        _print_compare(res, ar)
     return 0
+
+
+def _text_streamer(tok):
+    """An ``on_tokens`` callback that writes the newly decoded text to stdout."""
+    printed = [""]
+    new_ids: list[int] = []
+
+    def stream(step: list[int]) -> None:
+        new_ids.extend(step)
+        text = tok.decode(new_ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed[0]) :])
+            sys.stdout.flush()
+            printed[0] = text
+
+    return stream
+
+
+def _print_compare(res, ar) -> None:
+    """The --compare line: plain decoding's speed, the speed-up, whether the outputs match."""
+    a, s = ar.stats, res.stats
+    print(
+        f"plain decoding: {a.tokens_per_second:.1f} tok/s -> speed-up "
+        f"{s.tokens_per_second / max(a.tokens_per_second, 1e-9):.2f}x; output identical: "
+        f"{res.token_ids == ar.token_ids}",
+        file=sys.stderr,
+    )
 
 
 def _generate_ssd(args, target, tok, ids, params, load_s: float) -> int:
@@ -429,17 +440,7 @@ def _generate_ssd(args, target, tok, ids, params, load_s: float) -> int:
     from .engine import generate
     from .ssd.cli import run_ssd, ssd_summary_lines
 
-    printed = [""]
-    new_ids: list[int] = []
-
-    def stream(step: list[int]) -> None:
-        new_ids.extend(step)
-        text = tok.decode(new_ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed[0]) :])
-            sys.stdout.flush()
-            printed[0] = text
-
+    stream = _text_streamer(tok)
     res = run_ssd(
         args,
         target,
@@ -493,13 +494,7 @@ def _generate_ssd(args, target, tok, ids, params, load_s: float) -> int:
     for line in ssd_summary_lines(s):
         print(line, file=err)
     if ar is not None:
-        a = ar.stats
-        print(
-            f"plain decoding: {a.tokens_per_second:.1f} tok/s -> speed-up "
-            f"{s.tokens_per_second / max(a.tokens_per_second, 1e-9):.2f}x; output identical: "
-            f"{res.token_ids == ar.token_ids}",
-            file=err,
-        )
+        _print_compare(res, ar)
     return 0
 
 

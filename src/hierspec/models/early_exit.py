@@ -72,6 +72,7 @@ __all__ = [
     "EarlyExitConfig",
     "EarlyExitDraft",
     "EarlyExitHead",
+    "exit_logits",
     "load_early_exit",
     "save_early_exit",
     "weight_signature",
@@ -200,6 +201,24 @@ class EarlyExitHead(nn.Module):
                 self.lm_head.weight.copy_(rows.to(self.lm_head.weight))
 
 
+def exit_logits(
+    head: EarlyExitHead, exit_hidden: torch.Tensor, output_weight: torch.Tensor, *, full: bool = True
+) -> torch.Tensor:
+    """``head`` on a layer-L residual stream [.., H]. A tied head uses ``output_weight`` (the
+    target's LM head, [V, H]). full=True: [.., V] logits, -inf outside a reduced head's
+    vocab_map (float32 for half-precision models); full=False: [.., R] reduced logits."""
+    h = head.hidden(exit_hidden)
+    if head.lm_head is None:
+        return F.linear(h, output_weight)
+    reduced = head.lm_head(h)
+    if not full:
+        return reduced
+    if reduced.dtype in _HALF_DTYPES:
+        reduced = reduced.float()
+    out = reduced.new_full((*reduced.shape[:-1], output_weight.shape[0]), float("-inf"))
+    return out.index_copy_(-1, head.vocab_map, reduced)
+
+
 class EarlyExitDraft:
     """Early-exit self-draft as a `LanguageModel` (see module docstring).
 
@@ -293,16 +312,7 @@ class EarlyExitDraft:
 
         full=True: [.., V] logits, -inf outside vocab_map; full=False: [.., R] reduced logits.
         """
-        h = self.head.hidden(exit_hidden)
-        if self.head.lm_head is None:
-            return F.linear(h, self.hf.get_output_embeddings().weight)
-        reduced = self.head.lm_head(h)
-        if not full:
-            return reduced
-        if reduced.dtype in _HALF_DTYPES:
-            reduced = reduced.float()
-        out = reduced.new_full((*reduced.shape[:-1], self.vocab_size), float("-inf"))
-        return out.index_copy_(-1, self.head.vocab_map, reduced)
+        return exit_logits(self.head, exit_hidden, self.hf.get_output_embeddings().weight, full=full)
 
     def train_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Head logits [B, T, R] (R = V for a tied head) at positions 0..T-1; grads reach the head only."""

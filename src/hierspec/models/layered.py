@@ -41,10 +41,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hierspec.models.base import ForwardOutput
-from hierspec.models.early_exit import EarlyExitHead, _llama_parts
+from hierspec.models.early_exit import EarlyExitHead, _llama_parts, exit_logits
 
 __all__ = ["ExitView", "LayerStack", "RangeStats", "exit_views"]
 
@@ -214,17 +213,6 @@ class LayerStack:
         return self.hf.get_output_embeddings()(self.base.norm(h))
 
 
-def _head_logits(head: EarlyExitHead, h: torch.Tensor, stack: LayerStack) -> torch.Tensor:
-    hh = head.hidden(h)
-    if head.lm_head is None:
-        return F.linear(hh, stack.hf.get_output_embeddings().weight)
-    reduced = head.lm_head(hh)
-    if reduced.dtype in _HALF:
-        reduced = reduced.float()
-    out = reduced.new_full((*reduced.shape[:-1], stack.vocab_size), float("-inf"))
-    return out.index_copy_(-1, head.vocab_map, reduced)
-
-
 class ExitView:
     """`LanguageModel` view of a `LayerStack` at exit ``e_j`` (see module docstring).
 
@@ -291,7 +279,7 @@ class ExitView:
             if self.head is None:
                 logits = self.stack.final_logits(h)
             else:
-                logits = _head_logits(self.head, h, self.stack)
+                logits = exit_logits(self.head, h, self.stack.hf.get_output_embeddings().weight)
         self._seq = seq
         logits = logits.float() if logits.dtype in _HALF else logits.clone()
         return ForwardOutput(logits=logits[None], hidden=h[None].clone() if output_hidden else None)
