@@ -4,6 +4,8 @@ input (exit 2, nothing written), the exact expected acceptance, and the engine's
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -455,3 +457,172 @@ def test_run_bench_self_speculation_and_hierarchy(tmp_path):
     assert any(str(f).endswith("report.md") for f in files) and "hispec" in md and "hierarchy" in md
     with pytest.raises(BenchError, match="no early-exit head loaded"):
         run_bench(cfg, target, FakeTokenizer(32), prompts, drafts={path: small}, progress=False)
+
+
+# ------------------------------------------------------------------------------ SSD rows
+def _children() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def _placement() -> tuple[set[int], int]:
+    return set(os.sched_getaffinity(0)), torch.get_num_threads()
+
+
+def test_parse_ssd_method_and_bad_options(tmp_path, capsys, no_model_load):
+    """ssd:NAME/KEY=VALUE parsing; bad options are a ValueError (BenchError) before anything
+    starts, and exit status 2 from the CLI before any model is loaded."""
+    path = str(tmp_path)
+    m = harness.parse_method(f"ssd:{path}/fanout=geometric/budget=16/c=0.5/fallback=fast/emulate=50")
+    assert m.kind == "ssd" and m.path == path and m.paths == [path]
+    assert m.ssd_kwargs == dict(
+        fanout="geometric", budget=16, saguaro_c=0.5, fallback="fast", emulate_verify_ms=50.0
+    )
+    cell = harness.Cell(m, 0.0, 5, "greedy")
+    assert cell.label == f"ssd:{tmp_path.name}/fanout=geometric/budget=16/c=0.5/fallback=fast/emulate=50/γ5"
+    assert harness.parse_method(f"ssd:{path}").ssd == ()
+    before = _children()
+    for bad, msg in [
+        ("ssd:", "give the draft model"),
+        ("ssd", "needs a draft model"),
+        ("ssd:/no/such/draft", "does not exist"),
+        (f"ssd:{path}/fanout=cubic", "fanout=cubic: expected one of uniform, geometric"),
+        (f"ssd:{path}/c=0", "c=0: expected a number in"),
+        (f"ssd:{path}/budget=x", "budget='x' is not a valid number"),
+        (f"ssd:{path}/fallback=slow", "expected one of jit, fast"),
+        (f"ssd:{path}/emulate=-1", "emulate=-1"),
+        (f"ssd:{path}/speed=9", "unknown SSD option 'speed'"),
+        (f"ssd:{path}/c=0.5/c=0.7", "given twice"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            harness.parse_method(bad)
+    # budget < gamma + 1: caught with the gammas, by run_bench before any speculator starts
+    target, draft = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float32, max_length=64)
+    cfg = BenchConfig(out=tmp_path / "o", methods=[harness.parse_method(f"ssd:{path}/budget=3")], gammas=[3])
+    prompt = harness.Prompt(id="p", category="c", text="abc", chat=False)
+    with pytest.raises(ValueError, match="with γ = 3: budget"):
+        run_bench(cfg, target, FakeTokenizer(32), [prompt], drafts={path: draft}, progress=False)
+    assert _children() <= before
+    for methods, msg in ((f"ssd:{path}/budget=3", "budget"), (f"ssd:{path}/fanout=cubic", "fanout")):
+        out = tmp_path / "out"
+        argv = ["bench", "--out", str(out), "--methods", methods, "--gammas", "3"]
+        assert cli.main(argv) == 2
+        o, err = capsys.readouterr()
+        assert o == "" and err.startswith("hierspec: error:") and msg in err, err
+        assert not out.exists()
+
+
+def test_run_bench_ssd_rows(tmp_path):
+    """Two ssd: methods (one speculator process, shared) next to draft: with the same draft, greedy:
+    SSD rows carry the SSD statistics, their tokens are AR's, the report shows the hit rate next to
+    the speed-up, and afterwards no process is left and affinity / torch threads are as before."""
+    target, draft = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float64, max_length=256)
+    path = str(tmp_path)
+    ssd_a = harness.parse_method(f"ssd:{path}/fanout=geometric/budget=6/c=0.5")
+    ssd_b = harness.parse_method(f"ssd:{path}/fallback=fast")
+    cfg = BenchConfig(
+        out=tmp_path / "o",
+        methods=[MethodSpec("ar", "ar"), MethodSpec(f"draft:{path}", "draft", path), ssd_a, ssd_b],
+        temperatures=[0.0],
+        gammas=[3],
+        max_new_tokens=16,
+        warmup=1,
+    )
+    prompts = harness.load_prompts(replace_sets(cfg, write_specbench(tmp_path / "q.jsonl")))[:1]
+    before, place = _children(), _placement()
+    res = run_bench(cfg, target, FakeTokenizer(32), prompts, drafts={path: draft}, progress=False)
+    assert _children() <= before and _placement() == place
+    assert res["ssd"]["sessions"] == 1 and res["timing"]["ssd_start_s"] > 0
+    rows = res["rows"]
+    ar = next(r for r in rows if r["kind"] == "ar")
+    ssd_rows = [r for r in rows if r["kind"] == "ssd"]
+    assert len(ssd_rows) == 2
+    for r in ssd_rows:
+        assert r["identical_to_ar"] is True and r["token_ids"] == ar["token_ids"]
+        st = r["ssd"]
+        assert st["num_predicted_rounds"] > 0 and 0 <= st["hit_rate"] <= 1 and not st["fallback_events"]
+        assert st["e_hit"] >= 1 or st["e_miss"] >= 1
+        assert st["t_v"] > 0 and st["predicted_speedup_vs_ar"] > 0
+        assert r["mean_acceptance_length"] >= 1 and r["draft_forwards"] is None and r["tokens_per_s"] > 0
+        assert set(r["times"]) == set(harness.TIME_COMPONENTS)
+    assert ssd_rows[0]["ssd"]["options"]["budget"] in (6, 12)
+    assert any(r["ssd"]["num_fallback_fast"] for r in ssd_rows if r["method"] == ssd_b.name)
+    from hierspec.bench.report import format_summary, write_report
+
+    write_report(res, tmp_path / "o")
+    summ = [s for s in res["summary"] if s["kind"] == "ssd"]
+    assert len(summ) == 2 and all(s["sd_label"] == f"draft:{tmp_path.name}/γ3" for s in summ)
+    assert all(s["speedup_vs_sd"] > 0 and s["ssd"]["hit_rate"] is not None for s in summ)
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "## Speculative speculative decoding (SSD)" in md
+    assert "| speed-up vs AR (totals) | hit rate | vs sync SD, same draft |" in md
+    assert "SSD (speculative speculative decoding)" in format_summary(res)
+
+
+def test_run_bench_ssd_stops_speculator_on_error(tmp_path, monkeypatch):
+    """A failing SSD generation: run_bench raises, the speculator is stopped and the bench's
+    affinity and torch threads are restored."""
+    target, draft = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float32, max_length=64)
+    path = str(tmp_path)
+    pids = []
+
+    def boom(self, cell, *a):
+        pids.append(self.ssd.session(cell.method).speculator_pid)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(harness.Runner, "_run_ssd", boom)
+    cfg = BenchConfig(
+        out=tmp_path / "o",
+        methods=[MethodSpec("ar", "ar"), harness.parse_method(f"ssd:{path}")],
+        temperatures=[0.0],
+        gammas=[2],
+        max_new_tokens=4,
+        warmup=0,
+    )
+    prompt = harness.Prompt(id="p", category="c", text="abcabc", chat=False)
+    before, place = _children(), _placement()
+    with pytest.raises(RuntimeError, match="boom"):
+        run_bench(cfg, target, FakeTokenizer(32), [prompt], drafts={path: draft}, progress=False)
+    assert pids and pids[0] is not None and pids[0] not in _children()
+    assert _children() <= before and _placement() == place
+
+
+# ------------------------------------------------------------------------------ EAGLE rows
+def test_run_bench_eagle_chain_and_tree(tmp_path):
+    """eagle:PATH and eagle-tree:D/K/B:PATH through the harness on a tiny HF Llama: greedy rows
+    are AR's tokens, tree cells have one 'tree' rule at T > 0, the report is written."""
+    from hierspec.models import HFModel
+    from hierspec.models.eagle import build_eagle_head, save_eagle
+
+    hf = tiny_llama(2, 1)
+    target = HFModel(hf)
+    path = tmp_path / "eagle.safetensors"
+    save_eagle(build_eagle_head(hf, torch.arange(64)), path, hf)
+    chain = harness.parse_method(f"eagle:{path}")
+    tree = harness.parse_method(f"eagle-tree:3/2/6:{path}")
+    assert tree.tree == (3, 2, 6) and tree.head == str(path) and chain.head == str(path)
+    cfg = BenchConfig(
+        out=tmp_path / "o",
+        methods=[MethodSpec("ar", "ar"), chain, tree],
+        temperatures=[0.0, 1.0],
+        rules=["block"],
+        gammas=[3],
+        max_new_tokens=12,
+        warmup=0,
+    )
+    prompts = harness.load_prompts(replace_sets(cfg, write_specbench(tmp_path / "q.jsonl")))[:2]
+    res = run_bench(cfg, target, FakeTokenizer(64), prompts, drafts={}, progress=False)
+    rows = res["rows"]
+    ar = {r["prompt_id"]: r["token_ids"] for r in rows if r["kind"] == "ar" and r["temperature"] == 0}
+    greedy = [r for r in rows if r["kind"] != "ar" and r["temperature"] == 0]
+    assert {r["kind"] for r in greedy} == {"eagle", "eagle-tree"}
+    for r in greedy:
+        assert r["token_ids"] == ar[r["prompt_id"]], r["method"]
+    assert {r["rule"] for r in rows if r["kind"] == "eagle-tree" and r["temperature"] > 0} == {"tree"}
+    from hierspec.bench.report import write_report
+
+    write_report(res, tmp_path / "o")
+    assert "eagle-tree" in (tmp_path / "o" / "report.md").read_text()
+    with pytest.raises(BenchError, match="does not exist"):
+        harness.parse_method("eagle:/nonexistent.safetensors")
+    with pytest.raises(BenchError, match="eagle-tree"):
+        harness.parse_method(f"eagle-tree:3/0/6:{path}")

@@ -72,6 +72,21 @@ def test_self_speculation_argument_errors(capsys, method, extra, msg):
     assert out == "" and msg in err
 
 
+@pytest.mark.parametrize(
+    "method,extra,msg",
+    [
+        ("draft", ["--tree"], "--tree drafts trees with an EAGLE head"),
+        ("eagle", ["--tree", "--tree-budget", "0"], "--tree-budget: tree budget: expected an integer >= 1"),
+        ("eagle", ["--tree", "--tree-depth", "0"], "--tree-depth"),
+        ("eagle", ["--eagle", "/nonexistent.safetensors"], "--eagle: /nonexistent.safetensors does not exist"),
+    ],
+)
+def test_eagle_argument_errors(capsys, method, extra, msg):
+    assert main(["generate", "--prompt", "hi", "--method", method, "--json", *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and msg in err
+
+
 def test_plan_from_calibration_file(tmp_path, capsys):
     from hierspec.calibrate import Calibration
 

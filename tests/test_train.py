@@ -571,3 +571,71 @@ def test_copy_layers_init_reproduces_the_target() -> None:
     small = DraftLM(DraftConfig(vocab_size=40, n_vocab=20, n_layer=1, d_model=16, n_head=2), vm)
     with pytest.raises(TrainError, match="d_model"):
         init_draft_from_target_layers(small, hf, [0])
+
+
+def test_eagle_head_training_resume_eval_export(tmp_path) -> None:
+    """``train-draft --kind eagle``: feature cache, unrolled loss that goes down, evaluator,
+    exact resume, export that loads onto the target and drafts with greedy identity."""
+    from hierspec.drafters.eagle import EagleDrafter
+    from hierspec.models.eagle import load_eagle
+    from hierspec.train.cli import build_parser, run
+    from hierspec.train.eagle import feature_path, load_features, target_features
+
+    corpus, prompts = _corpus(tmp_path, n=30), _prompts(tmp_path)
+    evalp = _prompts(tmp_path, "heldout.txt", n=2)
+    argv = [
+        "--kind", "eagle", "--out", str(tmp_path / "eg"), "--data", f"raw:{corpus},gen:{prompts}",
+        "--eval", f"gen:{evalp}", "--seq-len", str(SEQ), "--shard-rows", "8", "--gen-max-new", "8",
+        "--topk", "8", "--vocab", "48", "--steps", "8", "--batch-size", "4", "--ckpt-every", "4",
+        "--eval-every", "4", "--lr", "3e-3", "--unroll", "2", "--no-progress",
+    ]  # fmt: skip
+    target, tok = _llama(), _char_tokenizer()
+    summary = run(build_parser().parse_args(argv), target, tok)
+    out = tmp_path / "eg"
+    shard = list_shards(out / "data")[0]
+    ids, mask, _ = load_rows(shard)
+    h, _ = target_features(target, ids[:2].long(), mask[:2])
+    torch.testing.assert_close(load_features(shard)[:2].float(), h, atol=0.05, rtol=0.02)  # bf16 copy
+    assert feature_path(shard).is_file() and summary["features"]["shards"] >= 1
+    assert summary["train"]["step"] == 8 and "mal_g5" in summary["eval_final"]
+    assert {f"agree{j}" for j in range(1, 6)} <= set(summary["eval_final"])
+    assert (out / "eagle.md").read_text().count("EAGLE") >= 1
+    head = load_eagle(out / "eagle.safetensors", target, tokenizer=tok)
+    assert head.config.n_vocab == 48
+    prompt = [1, 5, 9, 14, 20, 7]
+    ref = generate(HFModel(target), prompt, params=SamplingParams(temperature=0), max_new_tokens=20)
+    res = generate(
+        HFModel(target), prompt, drafter=EagleDrafter(head), params=SamplingParams(temperature=0),
+        max_new_tokens=20,
+    )  # fmt: skip
+    assert res.token_ids == ref.token_ids
+    argv[argv.index("--steps") + 1] = "10"
+    summary = run(build_parser().parse_args([*argv, "--resume"]), target, tok)
+    assert summary["train"]["step"] == 10
+
+
+def test_eagle_unrolled_loss_goes_down(tmp_path) -> None:
+    """The EAGLE student's loss (all unrolled steps) on a fixed batch falls with training."""
+    from hierspec.models.eagle import build_eagle_head
+    from hierspec.train.distill import ShardLoader
+    from hierspec.train.eagle import EagleStudent, cache_features, feature_rms
+
+    target = _llama()
+    target.requires_grad_(False)
+    d = tmp_path / "data"
+    cfg_d = DataConfig(sources=f"raw:{_corpus(tmp_path, n=30)}", seq_len=SEQ, shard_rows=8)
+    prepare_data(d, cfg_d, _codec(), target, progress=False)
+    cache_teacher(target, d, k=8, progress=False)
+    cache_features(target, d, progress=False)
+    vm = select_vocab(count_tokens(d, V), 48, _codec().special_ids)
+    student = EagleStudent(build_eagle_head(target, vm), unroll=3, feature_scale=feature_rms(d))
+    batch, _ = ShardLoader(d, features=True).next_batch({"epoch": 0, "pos": 0}, 4)
+    row_of = inverse_map(vm, V)
+    cfg = _cfg(steps=30, lr=3e-3)
+    with torch.no_grad():
+        before, st = student.train_loss(batch, row_of, cfg)
+    assert {"reg1", "kl3", "agree2"} <= set(st)
+    train(student, d, tmp_path / "run", cfg, progress=False)
+    with torch.no_grad():
+        after, _ = student.train_loss(batch, row_of, cfg)
+    assert float(after) < 0.8 * float(before)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-METHODS = ("ar", "draft", "ngram", "hierarchy", "early-exit", "hispec", "ssd")
+METHODS = ("ar", "draft", "ngram", "hierarchy", "early-exit", "hispec", "eagle", "ssd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -40,8 +41,20 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=METHODS,
         help="drafter: ar (none), draft (a draft model; default the shipped draft), ngram (prompt "
         "lookup), hierarchy (--levels), early-exit (LayerSkip-style self-speculation from a shipped "
-        "exit head), hispec (draft exit + intermediate exit + full model); default ngram",
+        "exit head), hispec (draft exit + intermediate exit + full model), eagle (feature-level "
+        "head on the target's hidden states; --tree for tree drafting), ssd; default ngram",
     )
+    g.add_argument(
+        "--eagle", default=None, help="--method eagle: an EAGLE head file (default: the shipped head)"
+    )
+    g.add_argument(
+        "--tree",
+        action="store_true",
+        help="--method eagle: draft a dynamic tree (EAGLE-2) verified in one target forward",
+    )
+    g.add_argument("--tree-depth", type=int, default=5, help="--tree: levels (tokens per step <= depth+1)")
+    g.add_argument("--tree-topk", type=int, default=4, help="--tree: children per expanded node")
+    g.add_argument("--tree-budget", type=int, default=16, help="--tree: drafted nodes per step")
     g.add_argument(
         "--draft",
         default=None,
@@ -209,6 +222,35 @@ def _make_drafter(args, target):
     return ModelDrafter(_load_level(_draft_spec(args.draft), target, DTYPES[args.dtype]))
 
 
+def _tree_spec(args):
+    """--tree options as a TreeSpec (None without --tree); CliError on bad values."""
+    from .drafters.eagle import TreeSpec
+
+    if not args.tree:
+        return None
+    if args.method != "eagle":
+        raise CliError(f"--tree drafts trees with an EAGLE head: use --method eagle, not {args.method}")
+    try:
+        return TreeSpec(depth=args.tree_depth, topk=args.tree_topk, budget=args.tree_budget)
+    except ValueError as err:
+        raise CliError(f"--{str(err).split(':')[0].replace(' ', '-')}: {err}") from None
+
+
+def _eagle_drafter(spec: str | None, target, tok):
+    """EagleDrafter over the head at `spec` (default the shipped one), loaded onto `target`."""
+    from .drafters.eagle import EagleDrafter
+    from .models.eagle import load_eagle
+    from .models.shipped import eagle_path
+
+    path = spec or eagle_path()
+    if not os.path.exists(path):
+        raise CliError(f"--eagle: {path} does not exist")
+    try:
+        return EagleDrafter(load_eagle(path, target, tokenizer=tok))
+    except ValueError as err:  # DraftFileError is a ValueError
+        raise CliError(f"--eagle: {err}") from None
+
+
 def _draft_spec(spec: str | None) -> str:
     """A --draft / --levels entry: a shipped draft name becomes its path."""
     from .models import shipped
@@ -296,6 +338,9 @@ def _generate(args) -> int:
 
         args.draft = _draft_spec(args.draft)
         check_ssd_args(args)
+    tree = _tree_spec(args)
+    if args.method == "eagle" and args.eagle and not os.path.exists(args.eagle):
+        raise CliError(f"--eagle: {args.eagle} does not exist")
     if args.method in ("hispec", "early-exit"):
         _parse_exits(args)
         if args.nd < 1 or args.ni < 1:
@@ -321,6 +366,8 @@ def _generate(args) -> int:
     if args.method in ("hispec", "early-exit"):
         system = _self_speculator(args, target, tok)
         engine_target, drafter, gamma = system.target, system.drafter, system.gamma
+    elif args.method == "eagle":
+        drafter = _eagle_drafter(args.eagle, target, tok)
     else:
         drafter = _make_drafter(args, target)
     kw = dict(
@@ -336,12 +383,13 @@ def _generate(args) -> int:
 
     stream = _text_streamer(tok)
     # Warm-up (first-call allocation costs would otherwise land on the timed run).
-    generate(engine_target, ids, drafter=drafter, **{**kw, "max_new_tokens": 4})
+    generate(engine_target, ids, drafter=drafter, tree=tree, **{**kw, "max_new_tokens": 4})
     if system is not None:
         rest = {k: v for k, v in kw.items() if k != "gamma"}
         res = system.generate(ids, on_tokens=None if args.json else stream, **rest)
     else:
-        res = generate(engine_target, ids, drafter=drafter, on_tokens=None if args.json else stream, **kw)
+        on_tokens = None if args.json else stream
+        res = generate(engine_target, ids, drafter=drafter, on_tokens=on_tokens, tree=tree, **kw)
     stage = system.stage_stats(res) if system is not None else None
     ar = None
     if args.compare:
@@ -360,6 +408,8 @@ def _generate(args) -> int:
         }
         if stage is not None:
             out["stages"] = stage
+        if tree is not None:
+            out["tree"] = {"depth": tree.depth, "topk": tree.topk, "budget": tree.budget}
         if ar is not None:
             out["ar_stats"] = ar.stats.to_dict()
             out["speedup_vs_ar"] = res.stats.tokens_per_second / max(ar.stats.tokens_per_second, 1e-9)

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .drafters.base import Drafter
+from .drafters.eagle import TreeSpec
 from .models.base import LanguageModel
 from .sampling import SamplingParams, make_generators
 from .stats import SpecStats
-from .step import speculative_step
+from .step import speculative_step, tree_step
 from .verify import get_rule
 
 
@@ -93,6 +94,7 @@ def generate(
     on_tokens: Callable[[list[int]], None] | None = None,
     validate: bool = False,
     on_verify: Callable[[dict], None] | None = None,
+    tree: TreeSpec | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `prompt_ids` (see module docstring).
 
@@ -106,6 +108,12 @@ def generate(
     ``target_rows`` [1, k+1, V] (processed probabilities; raw logits at temperature 0) and
     ``num_accepted`` (int) -- what ``RULES[rule].law`` needs for the exact acceptance law of
     that draft. Read-only views of engine tensors; the time it takes counts in ``time_decode``.
+    tree: draft a tree of this shape each step instead of a chain (`tree_step`; the drafter needs
+    ``propose_tree``, the target ``forward_tree`` / ``compact``; ``rule`` and ``gamma`` are unused:
+    trees are verified by exact recursive rejection sampling, depth caps the tokens per step).
+
+    A drafter with ``wants_target_hidden`` (EAGLE) receives the target's last hidden states of
+    every committed position through ``observe_target`` (prefill and each verification).
     """
     params = params or SamplingParams()
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
@@ -113,6 +121,9 @@ def generate(
         prompt = prompt[None]
     check_generate_args(target, prompt, drafter, gamma, max_new_tokens)
     verify_rule = get_rule("greedy" if params.greedy else rule)
+    if tree is not None:
+        _check_tree_args(target, drafter, tree, prompt.shape[1])
+    wants_hidden = bool(getattr(drafter, "wants_target_hidden", False))
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings: a tokenizer is needed to match stop strings")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
@@ -127,7 +138,9 @@ def generate(
     if drafter is not None:
         drafter.reset()
     if prompt.shape[1] > 1:
-        target.forward(prompt[:, :-1].to(target.device))
+        out = target.forward(prompt[:, :-1].to(target.device), output_hidden=wants_hidden)
+        if wants_hidden:
+            drafter.observe_target(0, out.hidden[0])
     stats.time_prefill = time.perf_counter() - t0
 
     context = prompt
@@ -136,19 +149,23 @@ def generate(
     while len(new) < budget_total:
         budget = budget_total - len(new)
         k_max = min(gamma, budget - 1)
-        res = speculative_step(
-            target,
-            context,
-            drafter,
-            verify_rule,
-            k_max,
-            params,
-            g_draft,
-            g_verify,
-            stats,
-            validate,
-            on_verify,
-        )
+        spec = _fit_tree(tree, budget, target.max_length - context.shape[1])
+        if spec is not None:
+            res = tree_step(target, context, drafter, spec, params, g_verify, stats, validate)
+        else:
+            res = speculative_step(
+                target,
+                context,
+                drafter,
+                verify_rule,
+                k_max,
+                params,
+                g_draft,
+                g_verify,
+                stats,
+                validate,
+                on_verify,
+            )
         step = res.tokens
 
         for i, tok in enumerate(step):
@@ -178,6 +195,30 @@ def generate(
             if end is not None:
                 text = text[:end]
     return GenerationResult(new, finish, stats, text, prompt[0].tolist())
+
+
+def _check_tree_args(target: LanguageModel, drafter: Drafter | None, tree: TreeSpec, prompt_len: int) -> None:
+    """ValueError for a tree run that cannot work: no tree drafter / target, or a tree that does
+    not fit the target's context."""
+    if not isinstance(tree, TreeSpec):
+        raise ValueError(f"tree: expected a TreeSpec, got {type(tree).__name__}")
+    if drafter is None or not hasattr(drafter, "propose_tree"):
+        raise ValueError("tree: the drafter cannot draft trees (it has no propose_tree); use --method eagle")
+    if not (hasattr(target, "forward_tree") and hasattr(target, "compact")):
+        raise ValueError(f"tree: the target {type(target).__name__} has no tree-attention forward")
+    if prompt_len - 1 + tree.budget + 1 > target.max_length:
+        raise ValueError(
+            f"tree budget: {tree.budget} nodes after a {prompt_len}-token prompt exceed the target's "
+            f"context of {target.max_length} positions"
+        )
+
+
+def _fit_tree(tree: TreeSpec | None, budget: int, room: int) -> TreeSpec | None:
+    """The tree shape for a step that may emit `budget` more tokens with `room` free positions
+    (depth <= budget - 1: a path of d nodes emits d + 1 tokens; nodes <= room); None = no tree."""
+    if tree is None or budget <= 1 or room < 1:
+        return None
+    return replace(tree, depth=min(tree.depth, budget - 1), budget=min(tree.budget, room))
 
 
 def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:

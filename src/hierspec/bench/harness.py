@@ -12,6 +12,15 @@ Methods (the target is the embedded SmolLM2-135M-Instruct):
 * ``ngram`` -- hierspec prompt lookup (:class:`~hierspec.drafters.NgramDrafter`, n = 3..1).
 * ``draft:PATH`` -- hierspec with a draft model (a transformers directory or a ``.gguf`` file
   sharing the target's tokenizer).
+* ``ssd:NAME[/KEY=VALUE...]`` -- speculative speculative decoding (:mod:`hierspec.ssd`, Saguaro)
+  with the draft ``NAME`` (as for ``draft:``) in a speculator process; options, as trailing
+  ``/KEY=VALUE`` parts: ``fanout=uniform|geometric``, ``budget=B`` (branches per round, >= γ + 1;
+  default 3(γ + 1)), ``c=C`` (Saguaro constant in (0, 1]), ``fallback=jit|fast``,
+  ``backup=ngram|random`` (what ``fallback=fast`` proposes), ``emulate=MS`` (sleep MS after every
+  SSD verification: emulates a slow target for the SSD row only, so its speed-up vs AR is then
+  not comparable), ``timeout=S`` (speculator reply deadline). E.g.
+  ``ssd:small/fanout=geometric/budget=16/c=0.5/fallback=fast``. Compare with ``draft:NAME`` in the
+  same run: the report gives SSD's speed-up over it next to the hit rate.
 * ``hf-ngram`` -- HF transformers' own ``model.generate(prompt_lookup_num_tokens=gamma,
   max_matching_ngram_size=3)`` on the same underlying model (``HFModel.model``).
 * ``hf-draft:PATH`` -- HF assisted generation ``generate(assistant_model=..., num_assistant_tokens=
@@ -31,13 +40,26 @@ included, for hierspec and HF alike). For hierspec drafting methods at T > 0 the
 E[accepted | draft] next to the measured accepted count; that analysis time is measured inside the
 hook and subtracted from the run's time (reported separately, ``--no-expected-acceptance`` turns
 it off). Bad input (unknown method or set, malformed Spec-Bench line, missing draft path,
-unwritable output directory) fails with exit status 2 before any model is loaded, and the report
-files are only written, each atomically, once everything has run.
+unwritable output directory, bad SSD options) fails with exit status 2 before any model is loaded,
+and the report files are only written, each atomically, once everything has run.
+
+SSD rows: one speculator process per (draft, reply timeout) is started before the warm-ups (outside
+every timed region) and reused by every SSD cell (all prompts, temperatures, γ, rules, options);
+the verifier is this process. It is stopped when the matrix ends, on errors too (try/finally).
+`SSDSession` pins the verifier to the first allowed core with one torch thread and the speculator
+to the second core: the harness applies that placement only around SSD generations and restores
+the bench's affinity and thread count for every other method (so SSD runs on the same two cores
+as the others, split one verifier core + one speculator core). After each SSD generation the
+harness waits, untimed, until the speculator has finished its last pre-speculation
+(`SSDSession.sync`), so none of its work overlaps the next cell. Greedy SSD rows are checked
+token by token against AR like every other method.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
 import platform
@@ -46,7 +68,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,15 +88,31 @@ METHOD_KINDS = (
     "hierarchy",
     "early-exit",
     "hispec",
+    "eagle",
+    "eagle-tree",
+    "ssd",
     "hf-ngram",
     "hf-draft",
     "hf-early-exit",
 )
 METHOD_SYNTAX = (
     "ar, ngram, draft:NAME|PATH, hierarchy:LEVEL+LEVEL+... (bottom first; LEVEL = ngram | NAME | PATH, "
-    "optionally @GAMMA, default 3), early-exit[:L], hispec[:Ld/Li[/Nd/Ni]], hf-ngram, hf-draft:PATH, "
-    "hf-early-exit:L"
+    "optionally @GAMMA, default 3), early-exit[:L], hispec[:Ld/Li[/Nd/Ni]], eagle[:PATH], "
+    "eagle-tree[:DEPTH/TOPK/BUDGET[:PATH]], "
+    "ssd:NAME|PATH[/fanout=uniform|geometric][/budget=B][/c=C][/fallback=jit|fast]"
+    "[/backup=ngram|random][/emulate=MS][/timeout=S], hf-ngram, hf-draft:PATH, hf-early-exit:L"
 )
+# ssd:NAME/KEY=VALUE -> (SSDSession.generate / SSDSession keyword, converter)
+SSD_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "fanout": ("fanout", str),
+    "budget": ("budget", int),
+    "c": ("saguaro_c", float),
+    "fallback": ("fallback", str),
+    "backup": ("fast_backup", str),
+    "emulate": ("emulate_verify_ms", float),
+    "timeout": ("reply_timeout_s", float),
+}
+SSD_REPLY_TIMEOUT_S = 60.0
 SPEC_RULES = ("token", "block", "hsd")
 DTYPES = ("float32", "bfloat16")
 WARMUP_TOKENS = 16
@@ -90,8 +128,8 @@ TIME_COMPONENTS = (
 )
 
 
-class BenchError(Exception):
-    """Bad input: printed as one line on stderr, exit status 2, nothing written."""
+class BenchError(ValueError):
+    """Bad input (a ValueError): printed as one line on stderr, exit status 2, nothing written."""
 
 
 # ------------------------------------------------------------------------------------ config
@@ -106,6 +144,14 @@ class MethodSpec:
     exits: tuple[int, ...] = ()  # early-exit: (L_d,); hispec: (L_d, L_i); hf-early-exit: (L,)
     nd: int = 2  # hispec: draft tokens per draft step
     ni: int = 4  # hispec: buffered tokens per full pass (its gamma)
+    ssd: tuple[tuple[str, Any], ...] = ()  # ssd: (option key of SSD_OPTIONS, value), in given order
+    tree: tuple[int, int, int] = ()  # eagle-tree: (depth, topk, budget)
+    head: str | None = None  # eagle / eagle-tree: head file (None = the shipped head)
+
+    @property
+    def ssd_kwargs(self) -> dict[str, Any]:
+        """The ssd options as keywords of SSDSession / SSDSession.generate."""
+        return {SSD_OPTIONS[k][0]: v for k, v in self.ssd}
 
     @property
     def drafts(self) -> bool:
@@ -145,6 +191,59 @@ def _ints(text: str, arg: str, n_allowed: tuple[int, ...]) -> list[int]:
     return vals
 
 
+def _ssd_method(text: str, arg: str) -> MethodSpec:
+    """``ssd:NAME[/KEY=VALUE...]``: the trailing parts holding '=' are options, the rest the draft."""
+    from ..ssd.options import FALLBACKS, FAST_BACKUPS
+    from ..ssd.saguaro import FANOUTS, check_saguaro_c
+
+    parts = arg.split("/")
+    opts: list[tuple[str, Any]] = []
+    while len(parts) > 1 and "=" in parts[-1]:
+        key, _, val = parts.pop().partition("=")
+        if key not in SSD_OPTIONS:
+            raise BenchError(f"method {text!r}: unknown SSD option {key!r}; valid: {', '.join(SSD_OPTIONS)}")
+        if any(k == key for k, _ in opts):
+            raise BenchError(f"method {text!r}: SSD option {key!r} given twice")
+        try:
+            value = SSD_OPTIONS[key][1](val)
+        except ValueError:
+            raise BenchError(f"method {text!r}: SSD option {key}={val!r} is not a valid number") from None
+        choices = {"fanout": FANOUTS, "fallback": FALLBACKS, "backup": FAST_BACKUPS}.get(key)
+        problem = None
+        if choices is not None and value not in choices:
+            problem = f"expected one of {', '.join(choices)}"
+        elif key == "budget" and value < 2:
+            problem = "expected an integer >= gamma + 1"
+        elif key in ("emulate", "timeout") and (
+            not math.isfinite(value) or value < 0 or (key == "timeout" and value == 0)
+        ):
+            problem = "expected a finite number " + (">= 0" if key == "emulate" else "> 0")
+        elif key == "c":
+            try:
+                check_saguaro_c(value)
+            except ValueError:
+                problem = "expected a number in (0, 1]"
+        if problem:
+            raise BenchError(f"method {text!r}: SSD option {key}={val}: {problem}")
+        opts.insert(0, (key, value))
+    name = "/".join(parts)
+    if not name:
+        raise BenchError(f"method {text!r}: give the draft model, e.g. ssd:small or ssd:PATH/budget=16")
+    return MethodSpec(text, "ssd", _draft_file(text, name), ssd=tuple(opts))
+
+
+def check_ssd_gammas(m: MethodSpec, gammas: Sequence[int]) -> None:
+    """BenchError unless the SSD options of ``m`` are valid with every γ (budget >= γ + 1)."""
+    from ..ssd.options import SSDOptions
+
+    gen = {k: v for k, v in m.ssd_kwargs.items() if k not in ("emulate_verify_ms", "reply_timeout_s")}
+    for g in gammas:
+        try:
+            SSDOptions(gamma=g, **gen)
+        except ValueError as err:
+            raise BenchError(f"method {m.name!r} with γ = {g}: {err}") from None
+
+
 def parse_method(text: str) -> MethodSpec:
     """One ``--methods`` entry (see METHOD_SYNTAX) -> MethodSpec; BenchError on bad input."""
     from ..models import shipped
@@ -157,7 +256,9 @@ def parse_method(text: str) -> MethodSpec:
         if not arg:
             raise BenchError(f"method {text!r}: give the draft model, e.g. {kind}:PATH")
         return MethodSpec(text, kind, _draft_file(text, arg))
-    if kind in ("draft", "hf-draft"):
+    if kind in ("draft", "hf-draft", "ssd"):
+        if kind == "ssd" and sep:
+            return _ssd_method(text, arg)
         raise BenchError(f"method {text!r} needs a draft model path or shipped name: {kind}:PATH")
     if kind == "hierarchy":
         levels = []
@@ -188,6 +289,16 @@ def parse_method(text: str) -> MethodSpec:
             if e not in shipped.EXIT_HEADS:
                 raise BenchError(f"method {text!r}: no shipped early-exit head at layer {e}")
         return MethodSpec(text, kind, exits=tuple(exits), nd=nd, ni=ni)
+    if kind in ("eagle", "eagle-tree"):
+        tree: tuple[int, ...] = ()
+        if kind == "eagle-tree":
+            shape, _, arg = arg.partition(":") if arg and arg[0].isdigit() else ("", "", arg)
+            tree = tuple(_ints(text, shape, (3,))) if shape else (5, 4, 16)
+            if min(tree) < 1:
+                raise BenchError(f"method {text!r}: tree depth, top-k and budget must be >= 1")
+        if arg and not os.path.isfile(arg):
+            raise BenchError(f"method {text!r}: EAGLE head file {arg!r} does not exist")
+        return MethodSpec(text, kind, tree=tree, head=arg or None)
     if kind == "hf-early-exit":
         return MethodSpec(
             text, kind, exits=tuple(_ints(text, arg, (1,)) if arg else [shipped.DEFAULT_EXITS[0]])
@@ -341,6 +452,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     gammas = _parse_list(pick("gammas"), int, "gammas")
     if any(g < 1 for g in gammas):
         raise BenchError(f"--gammas: expected integers >= 1, got {gammas}")
+    for m in methods:
+        if m.kind == "ssd":
+            check_ssd_gammas(m, gammas)
     sets = _parse_list(pick("sets"), str, "sets")
     for s in sets:
         if s.startswith("specbench:"):
@@ -459,6 +573,9 @@ class Cell:
         name = self.method.name
         if self.method.path:
             name = f"{self.method.kind}:{Path(self.method.path).name or self.method.path}"
+            name += "".join(
+                f"/{k}={v:g}" if isinstance(v, float) else f"/{k}={v}" for k, v in self.method.ssd
+            )
         elif self.method.levels:
             name = "hierarchy:" + "+".join(
                 "ngram" if p == "ngram" else f"{Path(p).stem}@{g}" for p, g in self.method.levels
@@ -477,11 +594,13 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
             if m.kind == "ar":
                 cells.append(Cell(m, t, None, "-"))
                 continue
-            for g in [m.ni] if m.kind == "hispec" else cfg.gammas:
+            for g in [m.ni] if m.kind == "hispec" else [m.tree[0]] if m.tree else cfg.gammas:
                 if t == 0:
                     cells.append(Cell(m, t, g, "greedy"))
                 elif m.hf:
                     cells.append(Cell(m, t, g, "hf"))
+                elif m.tree:  # trees: exact recursive rejection sampling, no chain rule
+                    cells.append(Cell(m, t, g, "tree"))
                 else:
                     cells.extend(Cell(m, t, g, r) for r in cfg.rules)
     return cells
@@ -544,6 +663,95 @@ def _hf_module(model) -> torch.nn.Module | None:
     return m if m is not None and hasattr(m, "generate") else None
 
 
+def _placement() -> tuple[set[int] | None, int]:
+    """This thread's (CPU affinity or None where unsupported, torch thread count)."""
+    aff = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return aff, torch.get_num_threads()
+
+
+def _apply_placement(p: tuple[set[int] | None, int]) -> None:
+    if p[0] is not None and os.sched_getaffinity(0) != p[0]:
+        os.sched_setaffinity(0, p[0])
+    if torch.get_num_threads() != p[1]:
+        torch.set_num_threads(p[1])
+
+
+class SSDSessions:
+    """The SSD speculator sessions of a run, one per (draft path, reply timeout).
+
+    Started before the timed loop (`start`) and stopped at its end (`close`, idempotent, on errors
+    too). `SSDSession` pins the verifier (this thread) to one core with one torch thread; here that
+    placement is captured, the bench's placement restored at once, and the SSD placement applied
+    only around SSD generations (`placed`)."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[tuple[str, float], Any] = {}
+        self.bench = _placement()
+        self.verifier: tuple[set[int] | None, int] | None = None
+        self.start_s = 0.0
+        self.sync_s = 0.0
+
+    @staticmethod
+    def key(m: MethodSpec) -> tuple[str, float]:
+        return str(m.path), float(m.ssd_kwargs.get("reply_timeout_s", SSD_REPLY_TIMEOUT_S))
+
+    def start(self, methods: Sequence[MethodSpec], target: Any, specs: dict[str, Any]) -> None:
+        from ..ssd import SSDSession
+
+        t0 = time.perf_counter()
+        try:
+            for m in methods:
+                if m.kind != "ssd" or self.key(m) in self.sessions:
+                    continue
+                k = self.key(m)
+                try:
+                    self.sessions[k] = SSDSession(target, specs[m.path], reply_timeout_s=k[1])
+                except (ValueError, RuntimeError) as err:
+                    raise BenchError(f"method {m.name}: the SSD speculator did not start: {err}") from None
+                self.verifier = _placement()
+        finally:
+            _apply_placement(self.bench)
+            self.start_s += time.perf_counter() - t0
+
+    def session(self, m: MethodSpec) -> Any:
+        return self.sessions[self.key(m)]
+
+    @contextlib.contextmanager
+    def placed(self) -> Iterator[None]:
+        """The SSD verifier's placement inside, the bench's after."""
+        try:
+            if self.verifier is not None:
+                _apply_placement(self.verifier)
+            yield
+        finally:
+            _apply_placement(self.bench)
+
+    def info(self) -> dict:
+        bench, ver = self.bench, self.verifier
+        cpus = sorted(bench[0]) if bench[0] is not None else []
+        return {
+            "sessions": len(self.sessions),
+            "start_s": self.start_s,
+            "sync_s": self.sync_s,
+            "bench_cpus": cpus or None,
+            "bench_threads": bench[1],
+            "verifier_cpus": sorted(ver[0]) if ver and ver[0] is not None else None,
+            "verifier_threads": ver[1] if ver else None,
+            "speculator_cpu": cpus[1] if len(cpus) > 1 else None,
+            "speculator_threads": 1,
+        }
+
+    def close(self) -> None:
+        try:
+            for s in self.sessions.values():
+                try:
+                    s.close()
+                except Exception as err:  # keep closing the others
+                    print(f"hierspec bench: warning: closing an SSD session: {err}", file=sys.stderr)
+        finally:
+            _apply_placement(self.bench)
+
+
 @dataclass
 class Runner:
     """Runs single generations of a cell on one prompt and returns a result row."""
@@ -553,6 +761,7 @@ class Runner:
     eos_token_id: int | None
     drafts: dict[str, Any]  # path -> HFModel (LanguageModel with .model)
     heads: dict[int, Any] = field(default_factory=dict)  # exit layer -> EarlyExitHead
+    ssd: SSDSessions | None = None  # started SSD sessions (ssd methods)
     _drafters: dict[str, Any] = field(default_factory=dict)
     _counters: dict[str, _ForwardCounter] = field(default_factory=dict)
 
@@ -579,6 +788,12 @@ class Runner:
                 drafter = NgramDrafter()
             elif m.kind == "draft":
                 drafter = ModelDrafter(self.drafts[m.path])
+            elif m.kind in ("eagle", "eagle-tree"):
+                from ..drafters.eagle import EagleDrafter
+                from ..models.eagle import load_eagle
+                from ..models.shipped import eagle_path
+
+                drafter = EagleDrafter(load_eagle(m.head or eagle_path(), self.target))
             elif m.kind == "hierarchy":
                 from ..hierarchy import SpeculativeDrafter
 
@@ -616,6 +831,8 @@ class Runner:
         rss0 = _maxrss_mb()
         if m.hf:
             row = self._run_hf(cell, ids, seed, max_new_tokens)
+        elif m.kind == "ssd":
+            row = self._run_ssd(cell, ids, seed, max_new_tokens)
         else:
             row = self._run_hierspec(cell, ids, seed, max_new_tokens, analyse)
         row["target_calls"] = self._take("target")
@@ -629,7 +846,16 @@ class Runner:
         return row
 
     def _run_hierspec(self, cell: Cell, ids: list[int], seed: int, max_new: int, analyse: bool) -> dict:
-        hook = _LawHook(cell.rule) if analyse and cell.method.drafts and cell.temperature > 0 else None
+        tree = None
+        if cell.method.tree:
+            from ..drafters.eagle import TreeSpec
+
+            tree = TreeSpec(*cell.method.tree)
+        hook = (
+            _LawHook(cell.rule)
+            if analyse and cell.method.drafts and cell.temperature > 0 and tree is None
+            else None
+        )
         params = SamplingParams(
             temperature=cell.temperature, top_p=self.cfg.top_p if cell.temperature else 1.0
         )
@@ -649,6 +875,7 @@ class Runner:
             eos_token_id=self.eos_token_id,
             seed=seed,
             on_verify=hook,
+            tree=tree,
         )
         t_call = time.perf_counter() - t0
         s = res.stats
@@ -687,6 +914,94 @@ class Runner:
             row["expected_accepted_var"] = hook.variance
             row["law_steps"] = hook.steps
         return row
+
+    def _run_ssd(self, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
+        """One SSD generation on the method's running session (verifier here, speculator in its
+        process); timed like the others (whole call, prefill included), then an untimed sync."""
+        if self.ssd is None:
+            raise RuntimeError(f"method {cell.method.name}: no SSD session was started")
+        session = self.ssd.session(cell.method)
+        kw = {k: v for k, v in cell.method.ssd_kwargs.items() if k != "reply_timeout_s"}
+        params = SamplingParams(
+            temperature=cell.temperature, top_p=self.cfg.top_p if cell.temperature else 1.0
+        )
+        with self.ssd.placed():
+            t0 = time.perf_counter()
+            res = session.generate(
+                ids,
+                gamma=cell.gamma or 1,
+                params=params,
+                max_new_tokens=max_new,
+                seed=seed % 2**62,
+                eos_token_id=self.eos_token_id,
+                rule=cell.rule if cell.rule in SPEC_RULES else "token",
+                **kw,
+            )
+            t_call = time.perf_counter() - t0
+            t_sync = session.sync()
+        self.ssd.sync_s += t_sync
+        s = res.stats
+        times = {
+            "prefill": s.time_prefill,
+            "draft": s.time_draft + s.time_wait,  # waiting for the speculator's reply
+            "target_forward": s.time_target_forward + s.time_emulated,
+            "logits_processing": s.time_logits_processing,
+            "verify_rule": s.time_verify_rule,
+            "rollback": s.time_rollback,
+        }
+        times["other"] = max(0.0, t_call - sum(times.values()))
+        from ..ssd.stats import DERIVED_FIELDS
+
+        pred = s.cost_prediction()
+        ssd = {
+            name: getattr(s, name)
+            for name in (
+                *DERIVED_FIELDS,
+                "num_rounds",
+                "num_predicted_rounds",
+                "num_hits",
+                "num_misses",
+                "num_cold_starts",
+                "num_fallback_jit",
+                "num_fallback_fast",
+                "num_local_rounds",
+                "tokens_on_hit",
+                "rounds_on_hit",
+                "tokens_on_miss",
+                "rounds_on_miss",
+                "time_verify_rounds",
+                "time_wait",
+                "time_emulated",
+                "time_speculate",
+                "num_builds",
+                "time_fallback",
+                "fallback_events",
+            )
+        }
+        ssd.update(
+            predicted_speedup_vs_ar=pred.speedup_vs_ar if pred else None,
+            predicted_tokens_per_second=pred.tokens_per_second if pred else None,
+            options={**kw, "budget": kw.get("budget") or 3 * ((cell.gamma or 1) + 1)},
+            time_sync_s=t_sync,
+        )
+        return {
+            "new_tokens": len(res.token_ids),
+            "finish_reason": res.finish_reason,
+            "token_ids": res.token_ids,
+            "time_s": t_call,
+            "time_call_s": t_call,
+            "time_analysis_s": 0.0,
+            "times": times,
+            "target_forwards": s.num_target_forwards,
+            "num_spec_steps": s.num_spec_steps,
+            "num_draft_tokens": s.num_draft_tokens,
+            "num_accepted_draft_tokens": s.num_accepted_draft_tokens,
+            "drafted_per_position": s.drafted_per_position,
+            "accepted_per_position": s.accepted_per_position,
+            "acceptance_histogram": s.acceptance_histogram,
+            "mean_acceptance_length": s.mean_acceptance_length,
+            "ssd": ssd,
+        }
 
     def _run_hf(self, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
         model = _hf_module(self.target)
@@ -752,13 +1067,16 @@ def run_bench(
     *,
     drafts: dict[str, Any] | None = None,
     heads: dict[int, Any] | None = None,
+    draft_specs: dict[str, Any] | None = None,
     target_name: str = "target",
     progress: bool = True,
 ) -> dict:
     """Run the matrix on ``target`` and return ``{"config", "rows", "errors", "timing", ...}``.
 
-    ``drafts`` maps each draft path of ``cfg.methods`` to its loaded HFModel. Raises BenchError
-    for unusable input (found before anything runs)."""
+    ``drafts`` maps each draft path of ``cfg.methods`` to its loaded HFModel. ``draft_specs``
+    maps the draft path of an ``ssd`` method to what its speculator process re-creates the draft
+    from (see `hierspec.ssd.SSDSession`; default: the loaded draft itself, pickled to the
+    process). Raises BenchError for unusable input (found before anything runs)."""
     from tqdm import tqdm
 
     drafts = dict(drafts or {})
@@ -775,7 +1093,9 @@ def run_bench(
         for path in [p for p, _ in m.levels if p != "ngram"]:
             if path not in drafts:
                 raise BenchError(f"method {m.name}: draft model {path!r} was not loaded")
-        if m.kind in ("draft", "hf-draft"):
+        if m.kind == "ssd":
+            check_ssd_gammas(m, cfg.gammas)
+        if m.kind in ("draft", "hf-draft", "ssd"):
             d = drafts.get(m.path)
             if d is None:
                 raise BenchError(f"method {m.name}: draft model {m.path!r} was not loaded")
@@ -808,7 +1128,11 @@ def run_bench(
     cells = plan_cells(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    runner = Runner(cfg, target, eos, drafts, heads)
+    specs = {
+        p: (draft_specs or {}).get(p, drafts.get(p)) for p in {m.path for m in cfg.methods if m.kind == "ssd"}
+    }
+    ssd = SSDSessions()  # the bench's placement (affinity, threads), restored after every SSD call
+    runner: Runner | None = None
     rows: list[dict] = []
     n_timed = len(encoded) * cfg.repeats * len(cells)
     bar = tqdm(
@@ -824,8 +1148,13 @@ def run_bench(
     t_analysis = 0.0
     t_warm = 0.0
     warm_rss: dict[tuple[str, float], float] = {}
-    t_wall0 = time.perf_counter()
     try:
+        # SSD speculators start here, outside every timed region (and before the forward counters
+        # are hooked in, so a draft model passed as its own spec pickles cleanly)
+        ssd.start(cfg.methods, target, specs)
+        runner = Runner(cfg, target, eos, drafts, heads, ssd=ssd)
+        t_wall0 = time.perf_counter()
+        sync0 = ssd.sync_s
         first_ids = encoded[0][1]
         for w in range(cfg.warmup):
             for cell in cells:
@@ -833,7 +1162,7 @@ def run_bench(
                 row = runner.run(
                     cell, first_ids, _seed(cfg, 0, -1 - w), min(WARMUP_TOKENS, cfg.max_new_tokens), False
                 )
-                t_warm += time.perf_counter() - t0
+                t_warm += time.perf_counter() - t0 - row.get("ssd", {}).get("time_sync_s", 0.0)
                 key = (cell.label, cell.temperature)
                 warm_rss[key] = warm_rss.get(key, 0.0) + row["rss_peak_raise_mb"]
                 bar.update()
@@ -871,20 +1200,26 @@ def run_bench(
                     row["tokens_per_s"] = row["new_tokens"] / row["time_s"] if row["time_s"] > 0 else 0.0
                     rows.append({**base, **row})
                     bar.update()
+        wall = time.perf_counter() - t_wall0
+        t_sync = ssd.sync_s - sync0
     finally:
         bar.close()
-        runner.close()
-    wall = time.perf_counter() - t_wall0
+        if runner is not None:
+            runner.close()
+        ssd.close()  # stops every speculator and restores the bench's affinity and threads
     _mark_identity(rows)
     inside = t_gen + t_warm
+    harness_s = wall - inside - t_sync
     timing = {
         "wall_s": wall,
         "generation_calls_s": inside - t_analysis,
         "warmup_calls_s": t_warm,
         "analysis_s": t_analysis,
-        "harness_s": wall - inside,
-        "harness_overhead_pct": 100.0 * (wall - inside) / wall if wall > 0 else 0.0,
+        "harness_s": harness_s,
+        "harness_overhead_pct": 100.0 * harness_s / wall if wall > 0 else 0.0,
         "analysis_pct": 100.0 * t_analysis / wall if wall > 0 else 0.0,
+        "ssd_start_s": ssd.start_s,  # speculator start-up, before the matrix (not in wall_s)
+        "ssd_sync_s": t_sync,  # untimed waits for idle speculators, in wall_s, not in harness_s
     }
     return {
         "config": cfg.to_dict(),
@@ -897,6 +1232,7 @@ def run_bench(
                 "temperature": c.temperature,
                 "gamma": c.gamma,
                 "rule": c.rule,
+                "draft": c.method.path,
             }
             for c in cells
         ],
@@ -904,6 +1240,7 @@ def run_bench(
         "rows": rows,
         "errors": errors,
         "timing": timing,
+        "ssd": ssd.info() if ssd.sessions else None,
         "memory": {
             "method": "resource.getrusage(RUSAGE_SELF).ru_maxrss (process-wide peak RSS; "
             "tracemalloc is not used because it does not see torch's allocations)",
@@ -1024,6 +1361,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             heads = load_exit_heads(cfg, target, tok)
         except (OSError, ValueError, ImportError) as err:
             raise BenchError(f"loading models: {err}") from None
+        # each SSD speculator process loads its draft from the file itself
+        from ..ssd.cli import load_draft_spec
+
+        specs = {
+            m.path: functools.partial(load_draft_spec, m.path, cfg.dtype)
+            for m in cfg.methods
+            if m.kind == "ssd"
+        }
         load_s = time.perf_counter() - t0
         results = run_bench(
             cfg,
@@ -1032,6 +1377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts,
             drafts=drafts,
             heads=heads,
+            draft_specs=specs,
             target_name="SmolLM2-135M-Instruct",
             progress=progress,
         )
@@ -1051,7 +1397,9 @@ __all__ = [
     "BenchError",
     "Cell",
     "MethodSpec",
+    "SSDSessions",
     "check_output_dir",
+    "check_ssd_gammas",
     "config_from_args",
     "load_prompts",
     "machine_info",

@@ -17,7 +17,11 @@ Every metric of a (category, method cell, temperature) group is computed from th
   verify rule, rollback, other; HF: total only);
 * exact expected acceptance: sum over realised drafts of E[accepted | draft] from
   ``RULES[rule].law`` next to the measured accepted count, with z = (measured - expected) / sd;
-* greedy token identity with hierspec AR; peak RSS (``ru_maxrss``).
+* greedy token identity with hierspec AR; peak RSS (``ru_maxrss``);
+* SSD cells (``ssd:NAME``): pooled hit rate (hits / predicted rounds), E_hit / E_miss (tokens per
+  round on a cache hit / on a fallback), T_p / T_v, fallback and fault counts, the Theorem-7 cost
+  model's speed-up from the pooled measurements, and the speed-up over synchronous speculative
+  decoding with the same draft (``draft:NAME``, same γ, rule and temperature, paired runs).
 
 All files are rendered in memory first and then written one by one through a temporary file and
 ``os.replace``, so an interrupted run never leaves a half-written file.
@@ -137,9 +141,61 @@ def _group_summary(rows: list[dict], ar: dict, cell: dict, category: str) -> dic
         s["measured_accepted"] = meas
         s["law_steps"] = sum(r["law_steps"] for r in law)
         s["acceptance_z"] = (meas - exp) / math.sqrt(var) if var > 0 else None
+    ssd = [r["ssd"] for r in rows if r.get("ssd")]
+    if ssd and len(ssd) == len(rows):
+        s["ssd"] = _ssd_summary(ssd, tokens)
     s["peak_rss_mb"] = max(r["rss_peak_mb"] for r in rows)
     s["rss_peak_raise_mb"] = sum(r["rss_peak_raise_mb"] for r in rows)
     return s
+
+
+def _ssd_summary(ssd: list[dict], tokens: int) -> dict:
+    """SSD statistics pooled over runs (ratios of sums) and the cost model on the pooled values."""
+    from ..ssd.cost import predict
+
+    def tot(k: str) -> float:
+        return sum(x[k] for x in ssd)
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    hits, misses = tot("num_hits"), tot("num_misses")
+    e_hit = ratio(tot("tokens_on_hit"), tot("rounds_on_hit"))
+    e_miss = ratio(tot("tokens_on_miss"), tot("rounds_on_miss"))
+    t_v = ratio(tot("time_verify_rounds"), tot("num_rounds"))
+    t_p = ratio(tot("time_speculate"), tot("num_builds")) or 0.0
+    t_b = ratio(tot("time_fallback"), tot("num_fallback_jit") + tot("num_fallback_fast")) or 0.0
+    pred = None
+    if t_v and (e_hit or e_miss):
+        pred = predict(hits / max(1, hits + misses), e_hit or e_miss, e_miss or e_hit, t_p, t_b, t_v)
+    return {
+        "hit_rate": ratio(hits, tot("num_predicted_rounds")),
+        "num_hits": int(hits),
+        "num_predicted_rounds": int(tot("num_predicted_rounds")),
+        "e_hit": e_hit,
+        "e_miss": e_miss,
+        "t_v_ms": 1e3 * t_v if t_v is not None else None,
+        "t_p_ms": 1e3 * t_p,
+        "t_b_ms": 1e3 * t_b,
+        "t_p_over_t_v": t_p / t_v if t_v else None,
+        "wait_ms_per_token": 1e3 * tot("time_wait") / tokens if tokens else None,
+        "fallback_jit": int(tot("num_fallback_jit")),
+        "fallback_fast": int(tot("num_fallback_fast")),
+        "fault_events": sum(len(x["fallback_events"]) for x in ssd),
+        "predicted_speedup_vs_ar": pred.speedup_vs_ar if pred else None,
+        "predicted_tokens_per_s": pred.tokens_per_second if pred else None,
+        "options": ssd[0]["options"],
+    }
+
+
+def _paired_ratio(rows: list[dict], ref: dict) -> tuple[float | None, int]:
+    """(tok/s of ``rows`` over tok/s of their partners in ``ref`` (same prompt and repeat), as a
+    ratio of totals, number of pairs)."""
+    pairs = [(r, ref.get((r["prompt_id"], r["repeat"]))) for r in rows]
+    pairs = [(r, a) for r, a in pairs if a is not None and a["time_s"] > 0 and a["new_tokens"] > 0]
+    mt, ms = sum(r["new_tokens"] for r, _ in pairs), sum(r["time_s"] for r, _ in pairs)
+    at, as_ = sum(a["new_tokens"] for _, a in pairs), sum(a["time_s"] for _, a in pairs)
+    return ((mt / ms) / (at / as_) if pairs and ms > 0 and at > 0 else None), len(pairs)
 
 
 def summarize(results: dict) -> list[dict]:
@@ -147,18 +203,40 @@ def summarize(results: dict) -> list[dict]:
     rows = results["rows"]
     ar = {(r["prompt_id"], r["repeat"], r["temperature"]): r for r in rows if r["kind"] == "ar"}
     cats = list(dict.fromkeys(r["category"] for r in rows))
+    cells = results["cells"]
     out = []
+
+    def group(cell: dict, cat: str) -> list[dict]:
+        return [
+            r
+            for r in rows
+            if r["label"] == cell["label"]
+            and r["temperature"] == cell["temperature"]
+            and (cat == "all" or r["category"] == cat)
+        ]
+
     for cat in [*cats, "all"] if len(cats) > 1 else cats:
-        for cell in results["cells"]:
-            grp = [
-                r
-                for r in rows
-                if r["label"] == cell["label"]
-                and r["temperature"] == cell["temperature"]
-                and (cat == "all" or r["category"] == cat)
-            ]
-            if grp:
-                out.append(_group_summary(grp, ar, cell, cat))
+        for cell in cells:
+            grp = group(cell, cat)
+            if not grp:
+                continue
+            s = _group_summary(grp, ar, cell, cat)
+            if cell["kind"] == "ssd":
+                # synchronous speculative decoding with the same draft, γ, rule and temperature
+                sd = next(
+                    (
+                        c
+                        for c in cells
+                        if c["kind"] == "draft"
+                        and c.get("draft") == cell.get("draft")
+                        and all(c[k] == cell[k] for k in ("temperature", "gamma", "rule"))
+                    ),
+                    None,
+                )
+                ref = {(r["prompt_id"], r["repeat"]): r for r in group(sd, cat)} if sd else {}
+                s["sd_label"] = sd["label"] if sd else None
+                s["speedup_vs_sd"], s["sd_paired_runs"] = _paired_ratio(grp, ref)
+            out.append(s)
     return out
 
 
@@ -219,6 +297,52 @@ SPEED_HEADER = [
 ]
 
 
+SSD_HEADER = [
+    "method",
+    "T",
+    "tok/s",
+    "speed-up vs AR (totals)",
+    "hit rate",
+    "vs sync SD, same draft",
+    "E_hit",
+    "E_miss",
+    "T_p / T_v",
+    "T_v (ms)",
+    "wait (ms/token)",
+    "fallbacks jit / fast",
+    "faults",
+    "cost model speed-up",
+    "identical to AR",
+]
+
+
+def _ssd_row(s: dict) -> list[str]:
+    x = s["ssd"]
+    vs_sd = "–"
+    if s.get("speedup_vs_sd") is not None:
+        vs_sd = f"{s['speedup_vs_sd']:.2f}x ({s['sd_label']})"
+    hit = "–"
+    if x["hit_rate"] is not None:
+        hit = f"{x['hit_rate']:.2f} ({x['num_hits']}/{x['num_predicted_rounds']})"
+    return [
+        s["label"],
+        _temp(s["temperature"]),
+        _f(s["tokens_per_s"], ".1f"),
+        _f(s["speedup_total"]) + "x",
+        hit,
+        vs_sd,
+        _f(x["e_hit"]),
+        _f(x["e_miss"]),
+        _f(x["t_p_over_t_v"]),
+        _f(x["t_v_ms"]),
+        _f(x["wait_ms_per_token"]),
+        f"{x['fallback_jit']} / {x['fallback_fast']}",
+        str(x["fault_events"]),
+        _f(x["predicted_speedup_vs_ar"]) + ("x" if x["predicted_speedup_vs_ar"] is not None else ""),
+        s["identical_count"] or "–",
+    ]
+
+
 def format_summary(results: dict) -> str:
     """The overall table and timing line, for the terminal."""
     summ = results.get("summary") or summarize(results)
@@ -230,7 +354,54 @@ def format_summary(results: dict) -> str:
         "",
         _table(SPEED_HEADER, [_speed_row(s) for s in overall(summ)]),
     ]
+    ssd = [s for s in overall(summ) if s.get("ssd")]
+    if ssd:
+        lines += [
+            "",
+            "SSD (speculative speculative decoding):",
+            _table(SSD_HEADER, [_ssd_row(s) for s in ssd]),
+        ]
     return "\n".join(lines)
+
+
+def _ssd_section(results: dict, ov: list[dict]) -> list[str]:
+    ssd = [s for s in ov if s.get("ssd")]
+    if not ssd:
+        return []
+    info = results.get("ssd") or {}
+    t = results["timing"]
+    place = (
+        f"verifier (this process) on CPU(s) {info.get('verifier_cpus')} with "
+        f"{info.get('verifier_threads')} torch thread(s), speculator process on CPU "
+        f"{info.get('speculator_cpu')} with 1; every other method ran on CPU(s) "
+        f"{info.get('bench_cpus')} with {info.get('bench_threads')} torch thread(s)"
+    )
+    opts = "; ".join(
+        f"{s['label']}: " + ", ".join(f"{k}={v}" for k, v in s["ssd"]["options"].items()) for s in ssd
+    )
+    return [
+        "## Speculative speculative decoding (SSD)",
+        "",
+        _table(SSD_HEADER, [_ssd_row(s) for s in ssd]),
+        "",
+        "Hit rate = rounds whose draft came from the speculation cache / rounds that could be looked "
+        "up (pooled over runs); E_hit / E_miss = tokens emitted per round on a hit / on a fallback "
+        "(cold start included); T_p = the speculator's pre-speculation time per round, T_v = the "
+        "verification time per round; wait = verifier time blocked on the speculator's reply "
+        "(counted as 'draft' in the time breakdown, an `emulate` sleep as 'target fwd'); "
+        "cost model = Theorem 7 (Kumar, Dao, May) on "
+        "the pooled measurements, with T_v as the AR step; 'vs sync SD' = tok/s over `draft:` with "
+        "the same draft, γ, rule and temperature on the same prompts (ratio of totals).",
+        "",
+        f"Placement: {place}. {info.get('sessions')} speculator process(es), started before the "
+        f"warm-ups in {t.get('ssd_start_s', 0.0):.1f} s (not timed) and reused by every SSD cell; "
+        f"after each SSD generation the harness waited, untimed, {t.get('ssd_sync_s', 0.0):.2f} s in "
+        "all for the speculator to finish its last pre-speculation, so it never overlaps the next "
+        f"cell. Options: {opts}. An `emulate` option sleeps after every SSD verification only: "
+        "such rows show SSD's behaviour (hit rate, cost model) under a slow target, not a speed-up "
+        "comparable with the other methods.",
+        "",
+    ]
 
 
 def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
@@ -309,6 +480,7 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         grp = [s for s in summ if s["category"] == cat]
         out += [f"## {title}", "", _table(SPEED_HEADER, [_speed_row(s) for s in grp]), ""]
     ov = overall(summ)
+    out += _ssd_section(results, ov)
     out += ["## Time breakdown (all categories, ms per generated token)", ""]
     comp_hdr = ["prefill", "draft", "target fwd", "logits proc.", "verify rule", "rollback", "other"]
     trows = []

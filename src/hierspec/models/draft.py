@@ -260,6 +260,75 @@ def check_vocab_map(vocab_map: torch.Tensor, vocab_size: int, *, what: str = "vo
     return vm
 
 
+def write_head_file(
+    path: str | os.PathLike[str],
+    fmt: str,
+    module: nn.Module,
+    config: Any,
+    target: TargetIdentity,
+    signature: list[float],
+    *,
+    dtype: torch.dtype = torch.float16,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a head that runs on a frozen target (early exit, EAGLE): its weights in fp16/bf16
+    (`storage_dtype`), ``vocab_map`` (int64) if it has one, and metadata ``format`` = fmt,
+    ``format_version`` 1, ``config`` (JSON of ``config.to_dict()``), ``target`` (identity),
+    ``signature`` (of the target weights it relies on) and ``info`` (``extra``)."""
+    weights = {k: v for k, v in module.state_dict().items() if k != "vocab_map"}
+    sdt = storage_dtype(weights, dtype)
+    tensors = {k: v.to(sdt) for k, v in weights.items()}
+    vm = getattr(module, "vocab_map", None)
+    if vm is not None:
+        tensors["vocab_map"] = vm.to(torch.long)
+    meta = {
+        "format": fmt,
+        "format_version": "1",
+        "config": json.dumps(config.to_dict()),
+        "target": json.dumps(target.to_dict()),
+        "signature": json.dumps(signature),
+        "info": json.dumps(dict(extra or {})),
+    }
+    write_safetensors(path, tensors, meta)
+
+
+def read_head_file(
+    path: str | os.PathLike[str], fmt: str, what: str, config_cls: Any
+) -> tuple[dict[str, torch.Tensor], Any, TargetIdentity, Any, str]:
+    """Read a `write_head_file` file: (tensors, config, recorded target identity, signature (JSON
+    value, None if absent), the ``what`` prefix for errors); `DraftFileError` if it is missing,
+    corrupt, of another format or version, or has an invalid config."""
+    tensors, meta = read_safetensors(path, what=what, expect_format=fmt)
+    what = f"{what} {str(path)!r}"
+    if meta.get("format_version") != "1":
+        raise DraftFileError(f"{what} has format_version {meta.get('format_version')!r}, expected 1")
+    try:
+        config = config_cls.from_dict(parse_json_meta(meta, "config", what))
+    except (TypeError, ValueError) as err:
+        raise DraftFileError(f"{what} has an invalid config: {err}") from err
+    recorded = TargetIdentity.from_dict(parse_json_meta(meta, "target", what))
+    try:
+        signature = json.loads(meta.get("signature", "null") or "null")
+    except ValueError:
+        signature = None
+    return tensors, config, recorded, signature, what
+
+
+def load_head_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load a head file's weights (all but vocab_map, which the module already holds) into
+    ``module`` in float32; `DraftFileError` naming missing / unexpected weights."""
+    expected = {k for k in module.state_dict() if k != "vocab_map"}
+    if set(tensors) != expected:
+        raise DraftFileError(
+            f"{what}: weights do not match its config (missing {sorted(expected - set(tensors))}, "
+            f"unexpected {sorted(set(tensors) - expected)})"
+        )
+    try:
+        module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    except RuntimeError as err:
+        raise DraftFileError(f"{what}: weights do not match its config: {err}") from err
+
+
 def storage_dtype(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.dtype:
     """fp16 unless a value would overflow it (then bf16); bf16 stays bf16."""
     if dtype not in _HALF_DTYPES:
@@ -385,19 +454,17 @@ class DraftBlock(nn.Module):
         sin: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, d] at positions start..start+T-1; cos/sin [T, hd].
+        """x [B, T, d] at cache slots start..start+T-1; cos/sin [T, hd] (their rotary positions).
 
         cache: (k [B, Hkv, capacity, hd], v) of this layer, written at start..start+T-1 and read
         over 0..start+T-1; None = no cache (training: positions 0..T-1, plain causal attention).
+        mask: bool [T, start+T], True where a query may read a slot (tree drafting); default with a
+        cache: query start+i reads slots 0..start+i.
         """
-        b, t, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.q_proj(h).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        t = x.shape[1]
+        q, k, v = self.project(x, cos, sin)
         gqa = self.n_kv != self.n_head
         if cache is None:
             att = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
@@ -407,11 +474,26 @@ class DraftBlock(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-            mask = None
-            if t > 1:  # query start+i sees keys 0..start+i
+            if mask is None and t > 1:  # query start+i sees keys 0..start+i
                 qpos = torch.arange(start, end, device=x.device)
                 mask = qpos[:, None] >= torch.arange(end, device=x.device)[None, :]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return self.output(x, att)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries [B, H, T, hd], keys and values [B, Hkv, T, hd] of x [B, T, d]."""
+        b, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def output(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """Residual attention output (att [B, H, T, hd]) then the residual SwiGLU MLP."""
+        b, _, t, _ = att.shape
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, -1))
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))

@@ -41,7 +41,6 @@ refused on another.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -58,11 +57,10 @@ from hierspec.models.draft import (
     RMSNorm,
     TargetIdentity,
     check_vocab_map,
-    parse_json_meta,
-    read_safetensors,
-    storage_dtype,
+    load_head_state,
+    read_head_file,
     target_identity,
-    write_safetensors,
+    write_head_file,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +77,6 @@ __all__ = [
 ]
 
 FORMAT_EARLY_EXIT = "hierspec.early_exit"
-FORMAT_VERSION = 1
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _SIGNATURE_RTOL = 2e-2  # bf16 vs fp32 copies of one target differ by ~1e-3 relative
 
@@ -470,20 +467,10 @@ def save_early_exit(
     ``target_identity(model, tokenizer)`` to record the tokenizer too.
     """
     target = target or target_identity(draft.hf)
-    weights = {k: v for k, v in draft.head.state_dict().items() if k != "vocab_map"}
-    sdt = storage_dtype(weights, dtype)
-    tensors = {k: v.to(sdt) for k, v in weights.items()}
-    if draft.head.vocab_map is not None:
-        tensors["vocab_map"] = draft.head.vocab_map.to(torch.long)
-    meta = {
-        "format": FORMAT_EARLY_EXIT,
-        "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(draft.head.config.to_dict()),
-        "target": json.dumps(target.to_dict()),
-        "signature": json.dumps(weight_signature(draft.hf, draft.exit_layer)),
-        "info": json.dumps(dict(extra or {})),
-    }
-    write_safetensors(path, tensors, meta)
+    signature = weight_signature(draft.hf, draft.exit_layer)
+    write_head_file(
+        path, FORMAT_EARLY_EXIT, draft.head, draft.head.config, target, signature, dtype=dtype, extra=extra
+    )
 
 
 def load_early_exit(
@@ -501,15 +488,9 @@ def load_early_exit(
     the file recorded one), other weights in the shared layers (signature check), and a
     vocab_map with ids outside the target vocabulary.
     """
-    tensors, meta = read_safetensors(path, what="early-exit file", expect_format=FORMAT_EARLY_EXIT)
-    what = f"early-exit file {str(path)!r}"
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise DraftFileError(f"{what} has format_version {meta.get('format_version')!r}, expected 1")
-    try:
-        config = EarlyExitConfig.from_dict(parse_json_meta(meta, "config", what))
-    except (TypeError, ValueError) as err:
-        raise DraftFileError(f"{what} has an invalid config: {err}") from err
-    recorded = TargetIdentity.from_dict(parse_json_meta(meta, "target", what))
+    tensors, config, recorded, sig, what = read_head_file(
+        path, FORMAT_EARLY_EXIT, "early-exit file", EarlyExitConfig
+    )
     actual = target_identity(target, tokenizer)
     recorded.check(actual, what=what, strict_shape=True)
     if config.exit_layer > actual.num_layers:
@@ -518,7 +499,7 @@ def load_early_exit(
         )
     if check_signature:
         try:
-            sig = [float(x) for x in json.loads(meta.get("signature", "null"))]
+            sig = [float(x) for x in sig]
         except (TypeError, ValueError) as err:
             raise DraftFileError(f"{what} has no valid weight signature") from err
         mine = weight_signature(target, config.exit_layer)
@@ -538,17 +519,5 @@ def load_early_exit(
         head = EarlyExitHead(config, vocab_map)
     except ValueError as err:
         raise DraftFileError(f"{what}: {err}") from err
-    expected = {k for k in head.state_dict() if k != "vocab_map"}
-    if set(tensors) != expected:
-        raise DraftFileError(
-            f"{what}: weights do not match its config (missing {sorted(expected - set(tensors))}, "
-            f"unexpected {sorted(set(tensors) - expected)})"
-        )
-    state = {k: v.float() for k, v in tensors.items()}
-    if vocab_map is not None:
-        state["vocab_map"] = vocab_map
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise DraftFileError(f"{what}: weights do not match its config: {err}") from err
+    load_head_state(head, tensors, what)
     return EarlyExitDraft(target, head, max_length=max_length)

@@ -9,6 +9,9 @@ Invariant (the one of ``hierspec.models.base``)::
     forward(ids[B, T]) runs ids at positions cache_length .. cache_length+T-1 (explicit
     position_ids) and appends them; crop(n) keeps positions 0..n-1 and the state then equals a
     fresh prefill of those n tokens (up to float rounding of differently shaped matmuls)
+    forward_tree(ids[1, N], parents) runs a draft tree in one forward (node i at position
+    cache_length + depth(i), tree mask of ``hierspec.models.treemask``) and appends the N nodes in
+    node order; compact(start, keep) then keeps positions 0..start-1 and start + keep[j]
 
 The cache is built *without* the model config, so every layer is a full ``DynamicLayer``: sliding-
 window layers (Mistral, Gemma) keep all positions too and the mask code applies the window over
@@ -22,11 +25,13 @@ transformers is imported lazily (inside functions), so ``import hierspec.models`
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hierspec.models.base import ForwardOutput
+from hierspec.models.treemask import check_compact, check_parents, tree_attention_mask, tree_depths
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
@@ -166,11 +171,22 @@ class HFModel:
         ids = self._check_input(input_ids)
         start, new = self._length, ids.shape[1]
         positions = torch.arange(start, start + new, device=ids.device).unsqueeze(0)
-        positions = positions.expand(ids.shape[0], -1)
+        return self._run(ids, positions.expand(ids.shape[0], -1), None, output_hidden)
+
+    def _run(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor] | None,
+        output_hidden: bool,
+    ) -> ForwardOutput:
+        """One model call appending ``ids`` [B, T] to the cache (rolled back on an exception)."""
+        start, new = self._length, ids.shape[1]
         try:
             with torch.inference_mode():
                 out = self.model(
                     input_ids=ids,
+                    attention_mask=mask,
                     position_ids=positions,
                     past_key_values=self._cache,
                     use_cache=True,
@@ -189,6 +205,100 @@ class HFModel:
         return ForwardOutput(logits=logits, hidden=hidden)
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ tree verification
+    def _attn_implementation(self) -> str | None:
+        impl = getattr(self.config, "_attn_implementation", None)
+        return impl if impl is not None else getattr(self.model.config, "_attn_implementation", None)
+
+    def _tree_attention_mask(
+        self, parents: torch.Tensor, past: int
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The 4D mask [1, 1, N, past+N] the model's attention takes as-is (transformers 5 returns
+        a 4D ``attention_mask`` from ``create_causal_mask`` unchanged): boolean (True = attend) for
+        sdpa, additive 0 / finfo.min in the model dtype for eager. Sliding-window layers get the
+        window applied over absolute positions (prefix j at j, node k at past + depth(k)); models
+        with per-layer types (Qwen2, Gemma) get the dict {layer_type: mask} they accept."""
+        impl = self._attn_implementation()
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"forward_tree supports sdpa and eager attention, the model uses {impl!r}")
+        allowed = tree_attention_mask(parents, past).to(self.device)
+        depth = tree_depths(parents).to(self.device)
+        window = getattr(self.config, "sliding_window", None)
+
+        def windowed() -> torch.Tensor:
+            key_pos = torch.cat([torch.arange(past, device=self.device), past + depth])
+            return allowed & ((past + depth)[:, None] - key_pos[None, :] < int(window))
+
+        def as_4d(mask: torch.Tensor) -> torch.Tensor:
+            mask = mask[None, None]
+            if impl == "eager":
+                zero = torch.zeros((), dtype=self.dtype, device=self.device)
+                mask = torch.where(mask, zero, torch.finfo(self.dtype).min)
+            return mask
+
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types:
+            kinds = set(layer_types)
+            if kinds <= {"full_attention"}:
+                return as_4d(allowed)
+            masks = {}
+            for kind in kinds:
+                if kind == "full_attention":
+                    masks[kind] = as_4d(allowed)
+                elif kind == "sliding_attention" and isinstance(window, int):
+                    masks[kind] = as_4d(windowed())
+                else:
+                    raise ValueError(f"forward_tree does not support {kind!r} layers")
+            return masks
+        return as_4d(windowed() if isinstance(window, int) else allowed)
+
+    def forward_tree(
+        self, input_ids: torch.Tensor, parents: torch.Tensor | Sequence[int], *, output_hidden: bool = False
+    ) -> ForwardOutput:
+        """Run the N nodes of a draft tree in one forward (see `hierspec.models.treemask`).
+
+        input_ids [1, N] holds the node tokens (node 0 = the root, the last committed token);
+        node i runs at position cache_length + depth(i) and attends to the whole cache and to its
+        ancestors including itself. The N entries are appended to the cache in node order
+        (cache_length += N); `compact` then keeps the accepted path. Returns logits [1, N, V]
+        (float32, float64 for float64 models) and, if ``output_hidden``, the final-norm hidden
+        states [1, N, H]; row i is what a chain forward of the path root..i gives at its end.
+        On an exception the cache is rolled back to its previous length.
+        """
+        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[0] != 1:
+            shape = tuple(input_ids.shape)
+            raise ValueError(f"forward_tree needs input_ids of batch size 1, got shape {shape}")
+        ids = self._check_input(input_ids)
+        start, new = self._length, ids.shape[1]
+        p = check_parents(parents, new)
+        positions = (start + tree_depths(p)).to(self.device).unsqueeze(0)
+        return self._run(ids, positions, self._tree_attention_mask(p, start), output_hidden)
+
+    def compact(self, start: int, keep: Sequence[int] | torch.Tensor) -> None:
+        """Keep cache positions 0..start-1 followed by those at ``start + keep[j]``.
+
+        ``keep``: strictly increasing offsets with ``start + keep[-1] < cache_length``, typically
+        ``[0] + accepted path`` after `forward_tree` at cache_length ``start``. Afterwards
+        cache_length == start + len(keep) and, when keep is a root-to-node path, the state equals
+        a fresh prefill of the committed tokens (each kept node ran at start + its depth).
+        """
+        k = check_compact(start, keep, self._length)
+        new_length = start + k.numel()
+        if bool((k == torch.arange(k.numel())).all()):  # already in place: a plain crop
+            self.crop(new_length)
+            return
+        if new_length == 0:
+            self.reset()
+            return
+        idx = torch.cat([torch.arange(start), start + k])
+        with torch.inference_mode():
+            for layer in self._cache.layers:
+                if layer.is_initialized and layer.get_seq_length() > 0:
+                    sel = idx.to(layer.keys.device)
+                    layer.keys = layer.keys.index_select(-2, sel)
+                    layer.values = layer.values.index_select(-2, sel)
+        self._length = new_length
 
     def _rollback_layers(self, length: int) -> None:
         """Bring every cache layer back to ``length`` positions (after a failed forward)."""

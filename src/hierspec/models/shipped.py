@@ -2,6 +2,7 @@
 
     drafts       standalone reduced-vocabulary drafts (`hierspec.models.draft`), by name
     exit heads   early-exit heads on the frozen target (`hierspec.models.early_exit`), by exit layer
+    EAGLE head   a feature-level draft head on the target's hidden states (`hierspec.models.eagle`)
 
 Each file has a model card next to it (same stem, ``.md``) with its data, training time, size
 and measured numbers; ``calibration-<dtype>.json`` is the planner's calibration of the drafts
@@ -17,10 +18,12 @@ __all__ = [
     "DEFAULT_DRAFT",
     "DEFAULT_EXITS",
     "DRAFTS",
+    "EAGLE_HEAD",
     "EXIT_HEADS",
     "WEIGHTS_DIR",
     "calibration_path",
     "draft_path",
+    "eagle_path",
     "exit_head_path",
 ]
 
@@ -30,6 +33,7 @@ DRAFTS = {
     "large": "smollm2-draft-large.safetensors",
 }
 EXIT_HEADS = {4: "smollm2-exit4.safetensors", 8: "smollm2-exit8.safetensors"}
+EAGLE_HEAD = "smollm2-eagle.safetensors"
 DEFAULT_DRAFT = "small"
 DEFAULT_EXITS = (4, 8)
 
@@ -49,6 +53,11 @@ def exit_head_path(exit_layer: int) -> Path:
             f"{', '.join(map(str, EXIT_HEADS))}"
         )
     return _existing(WEIGHTS_DIR / EXIT_HEADS[exit_layer])
+
+
+def eagle_path() -> Path:
+    """The shipped EAGLE head (`hierspec.models.eagle`) for SmolLM2."""
+    return _existing(WEIGHTS_DIR / EAGLE_HEAD)
 
 
 def _existing(path: Path) -> Path:

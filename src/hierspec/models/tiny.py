@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hierspec.models.base import ForwardOutput
+from hierspec.models.treemask import check_compact, check_parents, tree_attention_mask, tree_depths
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,51 @@ class TinyGPT(nn.Module):
         self._length = end
         return ForwardOutput(logits=logits, hidden=hidden if output_hidden else None)
 
+    @torch.no_grad()
+    def forward_tree(
+        self, input_ids: torch.Tensor, parents: torch.Tensor | Sequence[int], *, output_hidden: bool = False
+    ) -> ForwardOutput:
+        """Run the N nodes of a draft tree in one forward (see `hierspec.models.treemask`).
+
+        input_ids [1, N] (node 0 = the root); node i runs at position cache_length + depth(i),
+        attends to the cache and to its ancestors including itself, and its K/V is written at
+        cache position cache_length + i (cache_length += N). Returns logits [1, N, V] and, if
+        ``output_hidden``, the final-norm hidden states [1, N, d_model].
+        """
+        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[0] != 1:
+            shape = tuple(input_ids.shape)
+            raise ValueError(f"forward_tree needs input_ids of batch size 1, got shape {shape}")
+        ids = self._check_input(input_ids)
+        start, new = self._length, ids.shape[1]
+        p = check_parents(parents, new)
+        pos = start + tree_depths(p).to(ids.device)
+        x = self.tok_emb(ids) + self.pos_emb(pos)
+        mask = tree_attention_mask(p, start).to(ids.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.k_cache[i], self.v_cache[i], start, mask)
+        hidden = self.ln_f(x)
+        logits = self.lm_head(hidden) * self.config.logit_scale
+        self._length = start + new
+        return ForwardOutput(logits=logits, hidden=hidden if output_hidden else None)
+
     # ------------------------------------------------------------------ rollback
+    @torch.no_grad()
+    def compact(self, start: int, keep: Sequence[int] | torch.Tensor) -> None:
+        """Keep cache positions 0..start-1 followed by those at ``start + keep[j]``.
+
+        ``keep``: strictly increasing offsets with ``start + keep[-1] < cache_length``, typically
+        ``[0] + accepted path`` after `forward_tree` at cache_length ``start``; afterwards
+        cache_length == start + len(keep) and the state equals a fresh prefill of the committed
+        tokens (each kept path node ran at position start + its depth = its new position).
+        """
+        k = check_compact(start, keep, self._length)
+        src = (start + k).to(self.device)
+        end = start + k.numel()
+        # Advanced indexing copies first, so overlapping source/destination ranges are safe.
+        self.k_cache[:, :, :, start:end] = self.k_cache[:, :, :, src]
+        self.v_cache[:, :, :, start:end] = self.v_cache[:, :, :, src]
+        self._length = end
+
     def crop(self, length: int) -> None:
         """Drop every cached position >= length (0 <= length <= cache_length)."""
         if isinstance(length, bool) or not isinstance(length, int):

@@ -15,6 +15,7 @@ Wire format (fixed-size messages, so both sides always agree on the sizes):
 
     verifier -> speculator   int64[4] command: [START, prompt_len, 0, 0] then float64 options
                              (`SSDOptions.to_vector`) followed by the prompt ids; [ROUND, k, t, 0];
+                             [SYNC] (answered with float64[1] once the speculator is idle);
                              [EXIT]. A generation ends implicitly with the next START or EXIT.
     speculator -> verifier   float64[HDR + K (+ K V)] reply: [status, source, n, has_q, fk, rank,
                              t_build, t_fallback], the n draft tokens (K slots), and the n q' rows
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from .options import VECTOR_LEN, SSDOptions
 from .speculator import SOURCES, STATUSES, Proposal, Speculator
 
-CMD_START, CMD_ROUND, CMD_END, CMD_EXIT = 1, 2, 3, 4
+CMD_START, CMD_ROUND, CMD_END, CMD_EXIT, CMD_SYNC = 1, 2, 3, 4, 5
 HDR = 8
 INLINE_MAX = 1 << 16
 _LONG = datetime.timedelta(days=1)
@@ -114,6 +115,9 @@ class LocalChannel:
         return p
 
     def end(self) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
     def close(self) -> None:
@@ -199,6 +203,16 @@ class ProcessChannel:
         """Nothing to send: the speculator's next command (START or EXIT) ends the generation."""
         self._guard(lambda: None)
 
+    def sync(self) -> None:
+        """Return once the speculator has finished its pending pre-speculation and is idle (it
+        answers SYNC only after the build that followed its last reply)."""
+
+        def go() -> None:
+            self._cmd(CMD_SYNC)
+            self._recv(1)
+
+        self._guard(go)
+
     def close(self) -> None:
         if self.alive:
             try:
@@ -265,6 +279,9 @@ def serve_forever(pg: Any, spec: Speculator, device: str = "cpu") -> None:
         if cmd[0] == CMD_EXIT:
             return
         if cmd[0] == CMD_END:
+            continue
+        if cmd[0] == CMD_SYNC:
+            pg.send([torch.ones(1, dtype=torch.float64, device=device)], 0, 0).wait(_LONG)
             continue
         if cmd[0] == CMD_START:
             payload = recv(VECTOR_LEN + cmd[1], torch.float64)

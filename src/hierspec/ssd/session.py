@@ -27,7 +27,9 @@ spawn-based code, a script must guard its entry point with ``if __name__ == "__m
 for it to report ready, and on `close()` (also on errors and at exit: it is a daemon) asks it to
 exit, then kills it; the caller's CPU affinity and torch thread count are restored. With more
 than one allowed core, the verifier pins itself to the first and the speculator to the second;
-both use one torch thread.
+both use one torch thread. `sync()` waits until the speculator has finished the pre-speculation
+that follows a generation's last round (benchmarks call it so that no speculator work overlaps
+what they time next).
 """
 
 from __future__ import annotations
@@ -286,6 +288,19 @@ class SSDSession:
                 os.sched_setaffinity(0, self._saved_affinity)
             if self._saved_threads is not None:
                 torch.set_num_threads(self._saved_threads)
+
+    def sync(self) -> float:
+        """Wait until the speculator is idle (its pre-speculation after the last round of the
+        previous generation is done), so that it takes no CPU from whatever runs next; returns the
+        seconds waited. A fault here only marks the session faulted (later generations run alone)."""
+        if self._closed or self.faulted:
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            self.channel.sync()
+        except SpeculatorFault:
+            self.faulted = True
+        return time.perf_counter() - t0
 
     def __enter__(self) -> SSDSession:
         return self

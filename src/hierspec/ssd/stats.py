@@ -29,6 +29,21 @@ def _bump(lst: list[int], i: int, n: int = 1) -> None:
     lst[i] += n
 
 
+#: the derived SSD statistics (properties) that `SSDStats.to_dict` adds to SpecStats' fields
+DERIVED_FIELDS = (
+    "hit_rate",
+    "hit_rate_per_k",
+    "bonus_accuracy",
+    "bonus_top1_accuracy",
+    "e_hit",
+    "e_miss",
+    "t_v",
+    "t_p",
+    "t_b",
+    "t_p_over_t_v",
+)
+
+
 @dataclass
 class SSDStats(SpecStats):
     """`SpecStats` plus the SSD counters (see module docstring)."""
@@ -140,18 +155,7 @@ class SSDStats(SpecStats):
 
     def to_dict(self) -> dict:
         d = super().to_dict()
-        for name in (
-            "hit_rate",
-            "hit_rate_per_k",
-            "bonus_accuracy",
-            "bonus_top1_accuracy",
-            "e_hit",
-            "e_miss",
-            "t_v",
-            "t_p",
-            "t_b",
-            "t_p_over_t_v",
-        ):
+        for name in DERIVED_FIELDS:
             d[name] = getattr(self, name)
         pred = self.cost_prediction()
         d["predicted_tokens_per_second"] = pred.tokens_per_second if pred else None

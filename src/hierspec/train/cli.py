@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from hierspec.models.draft import DraftConfig, DraftLM, target_identity
+from hierspec.models.eagle import EagleConfig, EagleHead, build_eagle_head, save_eagle
 from hierspec.models.early_exit import EarlyExitConfig, EarlyExitDraft, EarlyExitHead, build_early_exit
 from hierspec.train.data import DataConfig, DataError, build_eval_set, codec_from_tokenizer, prepare_data
 from hierspec.train.distill import (
@@ -44,6 +45,7 @@ from hierspec.train.distill import (
     train,
     trainable_module,
 )
+from hierspec.train.eagle import EagleEvaluator, EagleStudent, cache_features, feature_rms
 from hierspec.train.teacher import cache_teacher
 from hierspec.train.vocab import count_tokens, select_vocab, vocab_coverage
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hierspec train-draft",
         description="Distil a draft model for the embedded SmolLM2 (standalone or early-exit head).",
     )
-    ap.add_argument("--kind", required=True, choices=["standalone", "early-exit"])
+    ap.add_argument("--kind", required=True, choices=["standalone", "early-exit", "eagle"])
     ap.add_argument("--out", required=True, type=Path, help="output directory")
     g = ap.add_argument_group("data")
     g.add_argument("--data", default=DEFAULT_DATA, help=f"training sources (default {DEFAULT_DATA})")
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--exit-layer", type=int, default=4, help="early-exit: target layers kept")
     m.add_argument("--adapter-dim", type=int, default=0, help="early-exit: residual adapter width")
+    m.add_argument("--unroll", type=int, default=3, help="eagle: drafting steps unrolled in the loss")
+    m.add_argument("--noise", type=float, default=0.1, help="eagle: input-feature noise (relative)")
     t = ap.add_argument_group("training")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch-size", type=int, default=8)
@@ -116,11 +120,15 @@ def rope_theta(config: Any) -> float:
     return float(theta)
 
 
-def _student_from_checkpoint(ck: dict[str, Any], target: Any) -> DraftLM | EarlyExitDraft:
+def _student_from_checkpoint(ck: dict[str, Any], target: Any) -> DraftLM | EarlyExitDraft | EagleStudent:
     desc, state = ck["student"], ck["model_state"]
     vm = state.get("vocab_map")
     if desc["kind"] == "standalone":
         return DraftLM(DraftConfig.from_dict(desc["config"]), vm)
+    if desc["kind"] == "eagle":
+        head = EagleHead(EagleConfig.from_dict(desc["config"]), vm, target.get_input_embeddings())
+        kw = {k: desc[k] for k in ("unroll", "noise", "reg_weight", "feature_scale")}
+        return EagleStudent(head, **kw)
     head = EarlyExitHead(EarlyExitConfig.from_dict(desc["config"]), vm)
     return EarlyExitDraft(target, head)
 
@@ -166,6 +174,9 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
     summary["teacher"] = cache_teacher(
         hf, data_dir, k=args.topk, batch_rows=args.teacher_batch, progress=progress
     )
+    if args.kind == "eagle":
+        summary["features"] = cache_features(hf, data_dir, batch_rows=args.teacher_batch, progress=progress)
+        hf.requires_grad_(False)  # the head reads the target's embedding; it is never trained
     if args.prepare_only:
         return summary
 
@@ -214,6 +225,10 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
                 init_draft_from_target_layers(student, hf, copy)
             elif not args.no_init_from_target:
                 init_draft_from_target(student, hf)
+        elif args.kind == "eagle":
+            head = build_eagle_head(hf, vocab_map, seed=args.seed)
+            scale = feature_rms(data_dir)
+            student = EagleStudent(head, unroll=args.unroll, noise=args.noise, feature_scale=scale)
         else:
             student = build_early_exit(hf, args.exit_layer, vocab_map=vocab_map, adapter_dim=args.adapter_dim)
         cfg = TrainConfig(
@@ -230,7 +245,10 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
         )
     evaluator = None
     if eval_rows is not None:
-        evaluator = Evaluator(hf, *eval_rows, gamma=args.gamma)
+        if args.kind == "eagle":
+            evaluator = EagleEvaluator(hf, *eval_rows, gamma=args.gamma)
+        else:
+            evaluator = Evaluator(hf, *eval_rows, gamma=args.gamma)
         step0 = out / "eval_step0.json"
         if not resuming or not step0.is_file():
             step0.write_text(json.dumps(evaluator(student)))
@@ -240,11 +258,14 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
     )
     if evaluator is not None:
         summary["eval_final"] = evaluator(student)
-    name = "draft.safetensors" if args.kind == "standalone" else "early_exit.safetensors"
+    name = {"standalone": "draft", "early-exit": "early_exit", "eagle": "eagle"}[args.kind] + ".safetensors"
     info = {"steps": cfg.steps, "data": args.data, "eval": summary.get("eval_final")}
-    summary["export"] = str(
-        export_student(student, out / name, identity, dtype=getattr(torch, args.export_dtype), info=info)
-    )
+    dtype = getattr(torch, args.export_dtype)
+    if args.kind == "eagle":
+        save_eagle(student.head, out / name, hf, tokenizer, dtype=dtype, extra=info)
+        summary["export"] = str(out / name)
+    else:
+        summary["export"] = str(export_student(student, out / name, identity, dtype=dtype, info=info))
     summary["train_seconds_total"] = _total_train_seconds(out / "train_log.jsonl", summary["train"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     card = Path(summary["export"]).with_suffix(".md")
@@ -282,7 +303,11 @@ def model_card(summary: dict[str, Any], student: Any, path: Path, argv: Sequence
     lines = [
         f"# {path.stem}",
         "",
-        ("A standalone draft model" if kind == "standalone" else "An early-exit head on the frozen target")
+        {
+            "standalone": "A standalone draft model",
+            "early-exit": "An early-exit head on the frozen target",
+            "eagle": "An EAGLE feature-level draft head on the frozen target",
+        }[kind]
         + " "
         "for SmolLM2-135M-Instruct (the model embedded in hierspec), distilled on CPU with "
         "`hierspec train-draft`.",

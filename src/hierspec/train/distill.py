@@ -147,6 +147,8 @@ def trainable_module(student: DraftLM | EarlyExitDraft) -> nn.Module:
         return student
     if isinstance(student, EarlyExitDraft):
         return student.head
+    if hasattr(student, "trainable"):  # a student that brings its own loss (EAGLE)
+        return student.trainable
     raise TypeError(f"cannot train a {type(student).__name__}: expected DraftLM or EarlyExitDraft")
 
 
@@ -154,6 +156,8 @@ def describe_student(student: DraftLM | EarlyExitDraft) -> dict[str, Any]:
     """{"kind": "standalone" | "early-exit", "config": {...}} (what a checkpoint must match)."""
     if isinstance(student, DraftLM):
         return {"kind": "standalone", "config": student.config.to_dict()}
+    if hasattr(student, "describe"):
+        return student.describe()
     trainable_module(student)
     return {"kind": "early-exit", "config": student.head.config.to_dict()}
 
@@ -257,9 +261,12 @@ class ShardLoader:
     a batch may run into the next epoch.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, seed: int = 0, group: int = 4) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], *, seed: int = 0, group: int = 4, features: bool = False
+    ) -> None:
         from safetensors import safe_open
 
+        self.features = features
         self.shards = list_shards(data_dir)
         if not self.shards:
             raise DataError(f"no token shards under {Path(data_dir) / 'tokens'}: prepare the data first")
@@ -310,6 +317,12 @@ class ShardLoader:
         if t["logp"].shape[:2] != ids.shape:
             raise DataError(f"teacher cache of {self.shards[i].name} does not match its token shard")
         item = {"ids": ids, "mask": mask, "t_logp": t["logp"], "t_ids": t["ids"], "t_lse": t["lse"]}
+        if self.features:  # the target's last hidden states (EAGLE), see hierspec.train.eagle
+            from hierspec.train.eagle import load_features
+
+            item["h"] = load_features(self.shards[i])
+            if item["h"].shape[:2] != ids.shape:
+                raise DataError(f"feature cache of {self.shards[i].name} does not match its token shard")
         self._cache[i] = item
         while len(self._cache) > 2 * self.group:
             self._cache.popitem(last=False)
@@ -568,7 +581,8 @@ def train(
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.jsonl"
     module = trainable_module(student)
     module.train()
-    loader = ShardLoader(data_dir, seed=cfg.seed, group=cfg.shuffle_group)
+    features = bool(getattr(student, "needs_features", False))
+    loader = ShardLoader(data_dir, seed=cfg.seed, group=cfg.shuffle_group, features=features)
     opt = _optimizer(module, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
     row_of = inverse_map(_vocab_map(student), student.vocab_size)
@@ -627,8 +641,10 @@ def train(
     last: dict[str, float] = {}
     while step < cfg.steps:
         batch, cursor = loader.next_batch(cursor, cfg.batch_size)
-        logits = student.train_logits(batch["ids"])
-        loss, stats = kd_loss(logits, batch, row_of, ce_weight=cfg.ce_weight)
+        if hasattr(student, "train_loss"):
+            loss, stats = student.train_loss(batch, row_of, cfg)
+        else:
+            loss, stats = kd_loss(student.train_logits(batch["ids"]), batch, row_of, ce_weight=cfg.ce_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip) if cfg.grad_clip else None

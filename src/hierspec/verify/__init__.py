@@ -9,12 +9,14 @@ comes next, such that the output is distributed exactly as the target.
     RULES["greedy"]  temperature 0: accept while the draft equals the target argmax
 
 `naive_hsd.law` is the uncapped HSD with forward sampling, as an analysis API only.
+`tree` verifies a draft tree (recursive rejection sampling: `tree.verify_tree`, `tree.tree_law`);
+it is not a chain rule, so it is not in RULES.
 
 Every rule is callable as ``rule(draft_tokens[B,K], draft_probs[B,K,V] | None,
 target_probs[B,K+1,V], generator=None)`` and has ``rule.law(...)`` for one draft; see `core`.
 """
 
-from . import block, greedy, hsd, naive_hsd, token
+from . import block, greedy, hsd, naive_hsd, token, tree
 from .core import PROB_SUM_TOL, Rule, VerifyOutput, check_inputs
 
 RULES: dict[str, Rule] = {m.rule.name: m.rule for m in (token, block, hsd, greedy)}
@@ -40,4 +42,5 @@ __all__ = [
     "hsd",
     "naive_hsd",
     "token",
+    "tree",
 ]
