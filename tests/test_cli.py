@@ -78,7 +78,7 @@ def test_self_speculation_argument_errors(capsys, method, extra, msg):
         ("draft", ["--tree"], "--tree drafts trees with an EAGLE head"),
         ("eagle", ["--tree", "--tree-budget", "0"], "--tree-budget: tree budget: expected an integer >= 1"),
         ("eagle", ["--tree", "--tree-depth", "0"], "--tree-depth"),
-        ("eagle", ["--eagle", "/nonexistent.safetensors"], "--eagle: /nonexistent.safetensors does not exist"),
+        ("eagle", ["--eagle", "/nonexistent.safetensors"], "/nonexistent.safetensors does not exist"),
     ],
 )
 def test_eagle_argument_errors(capsys, method, extra, msg):

@@ -75,3 +75,28 @@ def test_greedy_identity_with_shipped_weights(smollm):
     ee = build_early_exit_spec(target.model, heads[ld], gamma=3)
     out = ee.generate(ids, params=greedy, max_new_tokens=n)
     assert out.token_ids == ref and out.stats.num_accepted_draft_tokens > 0
+
+
+def test_shipped_eagle_head(smollm):
+    """The shipped EAGLE head: small file with a card, loads onto SmolLM2, chains and trees are
+    token-identical to plain greedy decoding and accept drafts."""
+    from hierspec.drafters.eagle import EagleDrafter, TreeSpec
+    from hierspec.engine import generate
+    from hierspec.models.eagle import load_eagle
+    from hierspec.sampling import SamplingParams
+
+    path = shipped.eagle_path()
+    assert path.with_suffix(".md").is_file() and path.stat().st_size < 32 * 2**20
+    target, tok = smollm
+    greedy = SamplingParams(temperature=0)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Explain what a hash map is."}], add_generation_prompt=True
+    )
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    n = 24
+    ref = generate(target, ids, params=greedy, max_new_tokens=n).token_ids
+    drafter = EagleDrafter(load_eagle(path, target, tokenizer=tok))
+    for tree in (None, TreeSpec(depth=4, topk=3, budget=10)):
+        out = generate(target, ids, drafter=drafter, params=greedy, gamma=5, max_new_tokens=n, tree=tree)
+        assert out.token_ids == ref, tree
+        assert out.stats.num_accepted_draft_tokens > 0, tree

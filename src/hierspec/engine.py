@@ -24,8 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .drafters.base import Drafter
-from .drafters.eagle import TreeSpec
+from .drafters.base import Drafter, TreeSpec
 from .models.base import LanguageModel
 from .sampling import SamplingParams, make_generators
 from .stats import SpecStats

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .drafters.base import Draft, Drafter
-from .drafters.eagle import EagleDrafter as TreeDrafter
-from .drafters.eagle import TreeSpec
+from .drafters.base import Draft, Drafter, TreeDrafter, TreeSpec
 from .models.base import LanguageModel
 from .sampling import SamplingParams, check_logits, process_logits
 from .stats import SpecStats

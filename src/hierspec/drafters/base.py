@@ -38,6 +38,37 @@ class Draft:
         return Draft(torch.zeros(batch, 0, dtype=torch.long, device=device), None)
 
 
+@dataclass
+class DraftTree:
+    """A draft tree (see `hierspec.verify.tree`): node 0 is the root (the last committed token);
+    ``parents`` [N] with parents[0] = -1 < parents[i] < i; ``tokens`` [N]; ``probs`` None
+    (deterministic children)."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    probs: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.tokens.numel()) - 1
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """Dynamic tree shape: ``depth`` levels, ``topk`` children per expanded node and expanded
+    nodes per level, ``budget`` drafted nodes kept (root excluded)."""
+
+    depth: int = 5
+    topk: int = 4
+    budget: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "topk", "budget"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"tree {name}: expected an integer >= 1, got {v!r}")
+
+
 @runtime_checkable
 class Drafter(Protocol):
     """Proposes up to `num_tokens` tokens after `context` (see module docstring)."""
@@ -56,6 +87,17 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget all state (start of a new generation)."""
         ...
+
+
+@runtime_checkable
+class TreeDrafter(Protocol):
+    """Proposes a draft tree after `context` (see `DraftTree`); used by `hierspec.step.tree_step`."""
+
+    vocab_size: int | None
+
+    def propose_tree(self, context: torch.Tensor, spec: TreeSpec, params: SamplingParams) -> DraftTree: ...
+
+    def reset(self) -> None: ...
 
 
 def check_context(context: torch.Tensor) -> None:

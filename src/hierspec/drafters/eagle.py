@@ -22,44 +22,12 @@ tokens equal to the context (``_true``, ``_fed``); draft pairs beyond them are d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ..models.eagle import EagleHead
 from ..sampling import SamplingParams, categorical, process_logits
-from .base import Draft, check_context
-
-
-@dataclass
-class DraftTree:
-    """A draft tree (see `hierspec.verify.tree`): node 0 is the root (the last committed token);
-    ``parents`` [N] with parents[0] = -1 < parents[i] < i; ``tokens`` [N]; ``probs`` None
-    (deterministic children)."""
-
-    tokens: torch.Tensor
-    parents: torch.Tensor
-    probs: torch.Tensor | None = None
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.tokens.numel()) - 1
-
-
-@dataclass(frozen=True)
-class TreeSpec:
-    """Dynamic tree shape: ``depth`` levels, ``topk`` children per expanded node and expanded
-    nodes per level, ``budget`` drafted nodes kept (root excluded)."""
-
-    depth: int = 5
-    topk: int = 4
-    budget: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("depth", "topk", "budget"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"tree {name}: expected an integer >= 1, got {v!r}")
+from .base import Draft, DraftTree, TreeSpec, check_context
 
 
 class EagleDrafter:
