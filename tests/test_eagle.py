@@ -135,7 +135,8 @@ def test_tree_verified_as_sampled_is_detected(chi_model, monkeypatch):
     import hierspec.step as step_mod
 
     def as_sampled(parents, tokens, rows, q, *, mode, generator, validate=False):
-        q = torch.softmax(drafter.head.logits(torch.zeros(1, hf.config.hidden_size, dtype=hf.dtype)), -1)
+        with torch.no_grad():
+            q = torch.softmax(drafter.head.logits(torch.zeros(1, hf.config.hidden_size, dtype=hf.dtype)), -1)
         flat = torch.full_like(rows, 1.0 / rows.shape[-1])
         q_rows = (0.5 * flat + 0.5 * q.to(rows)).expand_as(rows).contiguous()
         return vtree.verify_tree(parents, tokens, rows, q_rows, mode="iid", generator=generator)

@@ -109,7 +109,8 @@ def generate(
     that draft. Read-only views of engine tensors; the time it takes counts in ``time_decode``.
     tree: draft a tree of this shape each step instead of a chain (`tree_step`; the drafter needs
     ``propose_tree``, the target ``forward_tree`` / ``compact``; ``rule`` and ``gamma`` are unused:
-    trees are verified by exact recursive rejection sampling, depth caps the tokens per step).
+    trees are verified by exact recursive rejection sampling, depth caps the tokens per step;
+    ``on_verify`` is not called for tree steps: `hierspec.verify.tree.tree_law` is their law).
 
     A drafter with ``wants_target_hidden`` (EAGLE) receives the target's last hidden states of
     every committed position through ``observe_target`` (prefill and each verification).
