@@ -175,3 +175,24 @@ def test_tree_bad_input(big_model):
         generate(target, list(range(10)) * 6, drafter=drafter, params=GREEDY, tree=TreeSpec(budget=8))
     with pytest.raises(ValueError, match="propose_tree"):
         generate(target, [1, 2], drafter=None, params=GREEDY, tree=TreeSpec())
+
+
+class RawQEagle(EagleDrafter):
+    """Negative control: samples from the processed rows q but reports a flatter row (q^0.3,
+    renormalised) as the proposal: verification then corrects against the wrong q."""
+
+    def propose(self, context, num_tokens, params, generator=None):
+        draft = super().propose(context, num_tokens, params, generator)
+        if draft.probs is not None:
+            raw = torch.softmax(torch.log(draft.probs.clamp_min(1e-30)) * 0.3, -1)
+            draft.probs = raw
+        return draft
+
+
+def test_chain_wrong_q_is_detected(chi_model):
+    hf = chi_model
+    prompt = [1, 3, 0, 2]
+    params = SamplingParams(temperature=0.5)
+    joint = exact_joint(HFModel(hf), prompt, 3, params)
+    drafter = RawQEagle(eagle_head(hf, scale=4.0, seed=1))
+    assert chi2_p(sample(hf, drafter, prompt, params, "token", N, seed=1), joint) < 1e-3
