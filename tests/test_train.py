@@ -40,7 +40,7 @@ from hierspec.train import (
 )
 from hierspec.train.data import build_eval_set, list_shards, load_rows
 from hierspec.train.distill import init_draft_from_target
-from hierspec.train.teacher import teacher_path
+from hierspec.train.teacher import TargetPass, teacher_path
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -409,7 +409,12 @@ def test_trained_draft_eval_export_and_engine_greedy_identity(prepared, tmp_path
         tmp_path / "eval.safetensors", f"gen:{prompts}", codec, target, seq_len=SEQ, max_new_tokens=12
     )
     assert (mask == 2).any()
-    metrics = Evaluator(target, ids, mask, gamma=5)(student)
+    held_out = TargetPass(target, ids, mask, batch_rows=2)
+    with torch.no_grad():
+        full = target(input_ids=ids[:3], attention_mask=(mask[:3] > 0).long(), use_cache=False).logits
+    pos = mask[:3] > 0  # the pass recomputes the teacher's logits from its features
+    torch.testing.assert_close(held_out.logits(0, 3)[pos], full[pos], atol=1e-4, rtol=1e-4)
+    metrics = Evaluator(held_out, gamma=5)(student)
     assert 0 <= metrics["agree"] <= 1 and 0 <= metrics["accept_t1"] <= 1
     assert 0 < metrics["coverage"] <= 1 and 1.0 <= metrics["mal_g5"] <= 6.0
     ident = TargetIdentity(vocab_size=V, tokenizer=codec.fingerprint)
@@ -579,7 +584,8 @@ def test_eagle_head_training_resume_eval_export(tmp_path) -> None:
     from hierspec.drafters.eagle import EagleDrafter
     from hierspec.models.eagle import load_eagle
     from hierspec.train.cli import build_parser, run
-    from hierspec.train.eagle import feature_path, load_features, target_features
+    from hierspec.train.eagle import feature_path, load_features
+    from hierspec.train.teacher import target_pass
 
     corpus, prompts = _corpus(tmp_path, n=30), _prompts(tmp_path)
     evalp = _prompts(tmp_path, "heldout.txt", n=2)
@@ -594,8 +600,8 @@ def test_eagle_head_training_resume_eval_export(tmp_path) -> None:
     out = tmp_path / "eg"
     shard = list_shards(out / "data")[0]
     ids, mask, _ = load_rows(shard)
-    h, _ = target_features(target, ids[:2].long(), mask[:2])
-    torch.testing.assert_close(load_features(shard)[:2].float(), h, atol=0.05, rtol=0.02)  # bf16 copy
+    h, _ = target_pass(target, ids[:2], mask[:2])
+    torch.testing.assert_close(load_features(shard)[:2].float(), h.float(), atol=0.05, rtol=0.02)  # bf16 copy
     assert feature_path(shard).is_file() and summary["features"]["shards"] >= 1
     assert summary["train"]["step"] == 8 and "mal_g5" in summary["eval_final"]
     assert {f"agree{j}" for j in range(1, 6)} <= set(summary["eval_final"])
@@ -639,3 +645,62 @@ def test_eagle_unrolled_loss_goes_down(tmp_path) -> None:
     with torch.no_grad():
         after, _ = student.train_loss(batch, row_of, cfg)
     assert float(after) < 0.8 * float(before)
+
+
+def test_features_pass_writes_the_same_teacher_files(tmp_path) -> None:
+    """``cache_features(teacher_k=k)`` writes each missing teacher file from its own forward; the
+    files equal `cache_teacher`'s (which then finds nothing to do) and load for training."""
+    from hierspec.train.eagle import cache_features
+    from hierspec.train.teacher import load_teacher, teacher_path
+
+    target = _llama()
+    d1, d2 = tmp_path / "a", tmp_path / "b"
+    cfg_d = DataConfig(sources=f"raw:{_corpus(tmp_path, n=20)}", seq_len=SEQ, shard_rows=8)
+    prepare_data(d1, cfg_d, _codec(), target, progress=False)
+    prepare_data(d2, cfg_d, _codec(), target, progress=False)
+    cache_teacher(target, d1, k=8, progress=False)
+    shards = list_shards(d2)
+    teacher_path(shards[0]).parent.mkdir(parents=True, exist_ok=True)
+    teacher_path(shards[0]).write_bytes(teacher_path(list_shards(d1)[0]).read_bytes())  # already had one
+    got = cache_features(target, d2, teacher_k=8, progress=False)
+    assert got["written"] == len(shards) > 1 and got["teacher_written"] == len(shards) - 1
+    assert cache_teacher(target, d2, k=8, progress=False)["shards_done"] == 0
+    for s1, s2 in zip(list_shards(d1), shards, strict=True):
+        _, _, meta = load_rows(s2)
+        a, b = load_teacher(s1), load_teacher(s2, meta)
+        torch.testing.assert_close(b["lse"], a["lse"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(b["logp"].float(), a["logp"].float(), atol=2e-3, rtol=1e-3)
+        assert (b["ids"] == a["ids"]).float().mean() > 0.99  # near-ties may swap order
+
+
+def test_students_share_one_protocol() -> None:
+    """Every trainable thing is a `Student`: drafts are wrapped, EAGLE implements it itself, and
+    anything else is refused by name."""
+    from hierspec.models.eagle import build_eagle_head
+    from hierspec.train.distill import DistilledLM, Student, as_student, describe_student, trainable_module
+    from hierspec.train.eagle import EagleStudent
+
+    draft = _student()
+    st = as_student(draft)
+    assert isinstance(st, DistilledLM) and isinstance(st, Student) and st.trainable is draft
+    assert describe_student(draft)["kind"] == "standalone" and not st.needs_features
+    eagle = EagleStudent(build_eagle_head(_llama(), torch.arange(48)))
+    assert as_student(eagle) is eagle and trainable_module(eagle) is eagle.head
+    with pytest.raises(TypeError, match="cannot train a Linear: expected DraftLM"):
+        as_student(torch.nn.Linear(2, 2))
+
+
+def test_target_pass_refuses_a_head_it_cannot_recompute(prepared) -> None:
+    """Negative control of `TargetPass`: when the logits are not the output embedding of the last
+    hidden state (here: a foreign head), recomputing them would be silently wrong, so it refuses."""
+    target, data = prepared
+    ids, mask, _ = load_rows(list_shards(data)[0])
+    assert TargetPass(target, ids[:2], mask[:2]).h.shape[:2] == ids[:2].shape
+    other = torch.nn.Linear(target.config.hidden_size, V, bias=False)
+    real = target.get_output_embeddings
+    target.get_output_embeddings = lambda: other
+    try:
+        with pytest.raises(DataError, match="logits are not the output embedding"):
+            TargetPass(target, ids[:2], mask[:2])
+    finally:
+        target.get_output_embeddings = real

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .drafters.base import Draft, Drafter, check_context, sync_cache
+from .drafters.base import Draft, Drafter, draft_room, sync_cache
 from .models.base import LanguageModel
 from .sampling import SamplingParams
 from .stats import SpecStats
@@ -76,8 +76,7 @@ class SpeculativeDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        check_context(context)
-        num_tokens = min(num_tokens, self.model.max_length - context.shape[1])
+        num_tokens = draft_room(context, num_tokens, self.model.max_length)
         if num_tokens <= 0:
             return Draft.empty(1, context.device)
         local = context.cpu()

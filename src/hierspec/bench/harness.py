@@ -752,6 +752,38 @@ class SSDSessions:
             _apply_placement(self.bench)
 
 
+def _stats_row(res: Any, times: dict[str, float], t_net: float, t_call: float, analysis: float) -> dict:
+    """The result row of one hierspec generation (engine or SSD): counts from ``res.stats`` and the
+    time breakdown, where ``times`` gives the method's own "draft" and "target_forward" seconds and
+    "other" is whatever of ``t_net`` (the call minus untimed analysis) no part accounts for."""
+    s = res.stats
+    parts = {
+        "prefill": s.time_prefill,
+        **times,
+        "logits_processing": s.time_logits_processing,
+        "verify_rule": s.time_verify_rule,
+        "rollback": s.time_rollback,
+    }
+    parts["other"] = max(0.0, t_net - sum(parts.values()))
+    return {
+        "new_tokens": len(res.token_ids),
+        "finish_reason": res.finish_reason,
+        "token_ids": res.token_ids,
+        "time_s": t_net,
+        "time_call_s": t_call,
+        "time_analysis_s": analysis,
+        "times": parts,
+        "target_forwards": s.num_target_forwards,
+        "num_spec_steps": s.num_spec_steps,
+        "num_draft_tokens": s.num_draft_tokens,
+        "num_accepted_draft_tokens": s.num_accepted_draft_tokens,
+        "drafted_per_position": s.drafted_per_position,
+        "accepted_per_position": s.accepted_per_position,
+        "acceptance_histogram": s.acceptance_histogram,
+        "mean_acceptance_length": s.mean_acceptance_length,
+    }
+
+
 @dataclass
 class Runner:
     """Runs single generations of a cell on one prompt and returns a result row."""
@@ -881,32 +913,10 @@ class Runner:
         s = res.stats
         analysis = hook.seconds if hook is not None else 0.0
         t_net = t_call - analysis
-        times = {
-            "prefill": s.time_prefill,
-            "draft": s.time_draft,
-            "target_forward": s.time_target_forward,
-            "logits_processing": s.time_logits_processing,
-            "verify_rule": s.time_verify_rule,
-            "rollback": s.time_rollback,
-        }
-        times["other"] = max(0.0, t_net - sum(times.values()))
-        row = {
-            "new_tokens": len(res.token_ids),
-            "finish_reason": res.finish_reason,
-            "token_ids": res.token_ids,
-            "time_s": t_net,
-            "time_call_s": t_call,
-            "time_analysis_s": analysis,
-            "times": times,
-            "target_forwards": s.num_target_forwards,
-            "num_spec_steps": s.num_spec_steps,
-            "num_draft_tokens": s.num_draft_tokens,
-            "num_accepted_draft_tokens": s.num_accepted_draft_tokens,
-            "drafted_per_position": s.drafted_per_position,
-            "accepted_per_position": s.accepted_per_position,
-            "acceptance_histogram": s.acceptance_histogram,
-            "mean_acceptance_length": s.mean_acceptance_length if cell.method.drafts else None,
-        }
+        times = {"draft": s.time_draft, "target_forward": s.time_target_forward}
+        row = _stats_row(res, times, t_net, t_call, analysis)
+        if not cell.method.drafts:
+            row["mean_acceptance_length"] = None
         if system is not None:
             row["stages"] = system.stage_stats(res)
         if hook is not None:
@@ -942,14 +952,9 @@ class Runner:
         self.ssd.sync_s += t_sync
         s = res.stats
         times = {
-            "prefill": s.time_prefill,
             "draft": s.time_draft + s.time_wait,  # waiting for the speculator's reply
             "target_forward": s.time_target_forward + s.time_emulated,
-            "logits_processing": s.time_logits_processing,
-            "verify_rule": s.time_verify_rule,
-            "rollback": s.time_rollback,
         }
-        times["other"] = max(0.0, t_call - sum(times.values()))
         from ..ssd.stats import DERIVED_FIELDS
 
         pred = s.cost_prediction()
@@ -984,24 +989,7 @@ class Runner:
             options={**kw, "budget": kw.get("budget") or 3 * ((cell.gamma or 1) + 1)},
             time_sync_s=t_sync,
         )
-        return {
-            "new_tokens": len(res.token_ids),
-            "finish_reason": res.finish_reason,
-            "token_ids": res.token_ids,
-            "time_s": t_call,
-            "time_call_s": t_call,
-            "time_analysis_s": 0.0,
-            "times": times,
-            "target_forwards": s.num_target_forwards,
-            "num_spec_steps": s.num_spec_steps,
-            "num_draft_tokens": s.num_draft_tokens,
-            "num_accepted_draft_tokens": s.num_accepted_draft_tokens,
-            "drafted_per_position": s.drafted_per_position,
-            "accepted_per_position": s.accepted_per_position,
-            "acceptance_histogram": s.acceptance_histogram,
-            "mean_acceptance_length": s.mean_acceptance_length,
-            "ssd": ssd,
-        }
+        return {**_stats_row(res, times, t_call, t_call, 0.0), "ssd": ssd}
 
     def _run_hf(self, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
         model = _hf_module(self.target)

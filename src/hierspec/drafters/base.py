@@ -106,6 +106,14 @@ def check_context(context: torch.Tensor) -> None:
         raise ValueError(f"context: expected shape [1, L], got {tuple(context.shape)}")
 
 
+def draft_room(context: torch.Tensor, num_tokens: int, max_length: int) -> int:
+    """How many tokens a model drafter may propose after ``context`` [1, L] (checked): at most
+    ``num_tokens`` and at most ``max_length - L``, the room left in its context window. A
+    result <= 0 means it proposes nothing (`Draft.empty`)."""
+    check_context(context)
+    return min(num_tokens, max_length - context.shape[1])
+
+
 def sync_cache(model: LanguageModel, fed: torch.Tensor, ctx: torch.Tensor, upto: int) -> ForwardOutput | None:
     """Bring a cache that holds the tokens `fed` [n] to hold ctx[:upto] (ctx [L], upto <= L).
 

@@ -27,7 +27,7 @@ import torch
 
 from ..models.eagle import EagleHead
 from ..sampling import SamplingParams, categorical, process_logits
-from .base import Draft, DraftTree, TreeSpec, check_context
+from .base import Draft, DraftTree, TreeSpec, check_context, draft_room
 
 
 class EagleDrafter:
@@ -109,11 +109,10 @@ class EagleDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        check_context(context)
-        ctx = context[0].cpu()
-        num_tokens = min(num_tokens, self.head.config.max_length - ctx.numel())
+        num_tokens = draft_room(context, num_tokens, self.head.config.max_length)
         if num_tokens <= 0:
             return Draft.empty(1, context.device)
+        ctx = context[0].cpu()
         f = self._sync(ctx)
         if f is None:
             return Draft.empty(1, context.device)

@@ -14,7 +14,7 @@ import torch
 
 from ..models.base import LanguageModel
 from ..sampling import SamplingParams, categorical, process_logits
-from .base import Draft, check_context, sync_cache
+from .base import Draft, draft_room, sync_cache
 
 
 class ModelDrafter:
@@ -42,11 +42,7 @@ class ModelDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        check_context(context)
-        if num_tokens <= 0:
-            return Draft.empty(1, context.device)
-        room = self.model.max_length - context.shape[1]
-        num_tokens = min(num_tokens, room)
+        num_tokens = draft_room(context, num_tokens, self.model.max_length)
         if num_tokens <= 0:
             return Draft.empty(1, context.device)
         ctx = context[0].cpu()

@@ -3,6 +3,7 @@
 Tree contract (shared with the drafters and the verifier)::
 
     parents: LongTensor [N] (or a list of ints), parents[0] == -1, 0 <= parents[i] < i for i >= 1
+             (checked by `hierspec.verify.tree.check_parents`, the one validator of this shape)
     node 0 is the root = the last committed token (not yet in the KV cache)
     depth(0) = 0, depth(i) = depth(parents[i]) + 1
     node i runs at absolute position cache_length + depth(i) and attends to every cached
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
+from hierspec.verify.tree import check_parents
+
 __all__ = [
     "ancestor_mask",
     "check_compact",
@@ -33,38 +36,6 @@ __all__ = [
     "tree_attention_mask",
     "tree_depths",
 ]
-
-
-def check_parents(parents: torch.Tensor | Sequence[int], n: int | None = None) -> torch.Tensor:
-    """Validate a parent array and return it as a LongTensor [N].
-
-    Invariant checked: 1-D, integer, non-empty, ``parents[0] == -1`` and
-    ``0 <= parents[i] < i`` for i >= 1 (and ``N == n`` when ``n`` is given).
-    Raises ValueError naming ``parents`` and what was expected.
-    """
-    if isinstance(parents, torch.Tensor):
-        p = parents
-    else:
-        try:
-            p = torch.as_tensor(list(parents))
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"parents must be a 1-D sequence of ints, got {parents!r}") from err
-    if p.ndim != 1 or p.numel() == 0:
-        raise ValueError(f"parents must be a non-empty 1-D tensor [N], got shape {tuple(p.shape)}")
-    if p.dtype == torch.bool or p.is_floating_point() or p.is_complex():
-        raise ValueError(f"parents must hold integers, got dtype {p.dtype}")
-    p = p.to(torch.long)
-    if n is not None and p.numel() != n:
-        raise ValueError(f"parents has {p.numel()} entries, expected {n} (one per input_ids column)")
-    if int(p[0]) != -1:
-        raise ValueError(f"parents[0] must be -1 (node 0 is the root), got {int(p[0])}")
-    if p.numel() > 1:
-        idx = torch.arange(1, p.numel(), device=p.device)
-        bad = (p[1:] < 0) | (p[1:] >= idx)
-        if bool(bad.any()):
-            i = int(idx[bad][0])
-            raise ValueError(f"parents[i] must satisfy 0 <= parents[i] < i, got parents[{i}] = {int(p[i])}")
-    return p
 
 
 def ancestor_mask(parents: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ Pipeline (each stage resumable; see `hierspec.train.cli` for the command line)::
     cache_teacher     target top-k log-probs + logsumexp per position, once per shard
     select_vocab      R most frequent target tokens + specials (reduced draft vocabulary)
     train             KL(teacher || student) on the cached top-k, AdamW, cosine, checkpoints
+    TargetPass        the target over the held-out rows, run once (features, greedy choices)
     Evaluator         greedy agreement, sum min(p, q), simulated acceptance length (held out)
     export_student    the small safetensors file of `hierspec.models.draft` / `early_exit`
 
@@ -38,7 +39,7 @@ from hierspec.train.distill import (
     simulate_acceptance_length,
     train,
 )
-from hierspec.train.teacher import cache_teacher, load_teacher, teacher_topk
+from hierspec.train.teacher import TargetPass, cache_teacher, load_teacher, teacher_topk
 from hierspec.train.vocab import count_tokens, inverse_map, select_vocab, vocab_coverage
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Evaluator",
     "ShardLoader",
     "Source",
+    "TargetPass",
     "TextCodec",
     "TrainConfig",
     "TrainError",

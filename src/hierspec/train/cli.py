@@ -46,7 +46,7 @@ from hierspec.train.distill import (
     trainable_module,
 )
 from hierspec.train.eagle import EagleEvaluator, EagleStudent, cache_features, feature_rms
-from hierspec.train.teacher import cache_teacher
+from hierspec.train.teacher import TargetPass, cache_teacher
 from hierspec.train.vocab import count_tokens, select_vocab, vocab_coverage
 
 DEFAULT_DATA = "raw:stdlib@1M,raw:shakespeare@500k,gen:sharegpt@3000"
@@ -171,12 +171,14 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
     eval_rows = None
     if args.eval and args.eval != "none":
         eval_rows = build_eval_set(data_dir / "eval.safetensors", args.eval, codec, hf, seq_len=args.seq_len)
+    if args.kind == "eagle":  # features first: their forward also writes missing teacher files
+        summary["features"] = cache_features(
+            hf, data_dir, batch_rows=args.teacher_batch, progress=progress, teacher_k=args.topk
+        )
+        hf.requires_grad_(False)  # the head reads the target's embedding; it is never trained
     summary["teacher"] = cache_teacher(
         hf, data_dir, k=args.topk, batch_rows=args.teacher_batch, progress=progress
     )
-    if args.kind == "eagle":
-        summary["features"] = cache_features(hf, data_dir, batch_rows=args.teacher_batch, progress=progress)
-        hf.requires_grad_(False)  # the head reads the target's embedding; it is never trained
     if args.prepare_only:
         return summary
 
@@ -245,10 +247,11 @@ def run(args: argparse.Namespace, target: Any, tokenizer: Any) -> dict[str, Any]
         )
     evaluator = None
     if eval_rows is not None:
+        held_out = TargetPass(hf, *eval_rows)
         if args.kind == "eagle":
-            evaluator = EagleEvaluator(hf, *eval_rows, gamma=args.gamma)
+            evaluator = EagleEvaluator(held_out, gamma=args.gamma)
         else:
-            evaluator = Evaluator(hf, *eval_rows, gamma=args.gamma)
+            evaluator = Evaluator(held_out, gamma=args.gamma)
         step0 = out / "eval_step0.json"
         if not resuming or not step0.is_file():
             step0.write_text(json.dumps(evaluator(student)))

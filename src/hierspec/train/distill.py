@@ -46,7 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +55,18 @@ from torch import nn
 from hierspec.models.draft import DraftLM, TargetIdentity
 from hierspec.models.early_exit import EarlyExitDraft
 from hierspec.train.data import DataError, list_shards, load_rows
-from hierspec.train.teacher import load_teacher, teacher_path
+from hierspec.train.teacher import TargetPass, load_teacher, teacher_path
 from hierspec.train.vocab import inverse_map
 
 __all__ = [
     "CheckpointError",
+    "DistilledLM",
     "Evaluator",
     "ShardLoader",
+    "Student",
     "TrainConfig",
     "TrainError",
+    "as_student",
     "describe_student",
     "export_student",
     "init_draft_from_target",
@@ -141,29 +144,82 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # ============================================================================ students
-def trainable_module(student: DraftLM | EarlyExitDraft) -> nn.Module:
-    """The nn.Module whose parameters are trained: the whole draft, or the early-exit head."""
-    if isinstance(student, DraftLM):
+@runtime_checkable
+class Student(Protocol):
+    """What `train` trains. A student names its trainable module, describes itself (what a
+    checkpoint must match), says whether its batches need cached target features, and computes
+    its own loss on a batch (``row_of`` maps full-vocabulary ids to its reduced rows)."""
+
+    vocab_size: int
+    needs_features: bool
+
+    @property
+    def trainable(self) -> nn.Module: ...
+
+    @property
+    def vocab_map(self) -> torch.Tensor | None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def train_loss(
+        self, batch: dict[str, torch.Tensor], row_of: torch.Tensor, cfg: TrainConfig
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class DistilledLM:
+    """A draft that outputs reduced logits (`DraftLM`, or `EarlyExitDraft` whose frozen target
+    layers feed a trained head) as a `Student`: loss = `kd_loss` on its ``train_logits``."""
+
+    needs_features = False
+
+    def __init__(self, model: DraftLM | EarlyExitDraft) -> None:
+        self.model = model
+        self.vocab_size = model.vocab_size
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.model if isinstance(self.model, DraftLM) else self.model.head
+
+    @property
+    def vocab_map(self) -> torch.Tensor | None:
+        return self.model.vocab_map
+
+    def describe(self) -> dict[str, Any]:
+        if isinstance(self.model, DraftLM):
+            return {"kind": "standalone", "config": self.model.config.to_dict()}
+        return {"kind": "early-exit", "config": self.model.head.config.to_dict()}
+
+    def train_loss(
+        self, batch: dict[str, torch.Tensor], row_of: torch.Tensor, cfg: TrainConfig
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return kd_loss(self.model.train_logits(batch["ids"]), batch, row_of, ce_weight=cfg.ce_weight)
+
+
+def as_student(student: Any) -> Student:
+    """``student`` as a `Student`: drafts with reduced logits are wrapped in `DistilledLM`;
+    anything else must implement the protocol itself (e.g. `hierspec.train.eagle.EagleStudent`)."""
+    if isinstance(student, (DraftLM, EarlyExitDraft)):
+        return DistilledLM(student)
+    if isinstance(student, Student):
         return student
-    if isinstance(student, EarlyExitDraft):
-        return student.head
-    if hasattr(student, "trainable"):  # a student that brings its own loss (EAGLE)
-        return student.trainable
-    raise TypeError(f"cannot train a {type(student).__name__}: expected DraftLM or EarlyExitDraft")
+    raise TypeError(
+        f"cannot train a {type(student).__name__}: expected DraftLM, EarlyExitDraft or a Student "
+        "(trainable, vocab_map, vocab_size, needs_features, describe, train_loss)"
+    )
 
 
-def describe_student(student: DraftLM | EarlyExitDraft) -> dict[str, Any]:
-    """{"kind": "standalone" | "early-exit", "config": {...}} (what a checkpoint must match)."""
-    if isinstance(student, DraftLM):
-        return {"kind": "standalone", "config": student.config.to_dict()}
-    if hasattr(student, "describe"):
-        return student.describe()
-    trainable_module(student)
-    return {"kind": "early-exit", "config": student.head.config.to_dict()}
+def trainable_module(student: Any) -> nn.Module:
+    """The nn.Module whose parameters are trained (the whole draft, the early-exit head, ...)."""
+    return as_student(student).trainable
 
 
-def _vocab_map(student: DraftLM | EarlyExitDraft) -> torch.Tensor | None:
-    vm = student.vocab_map
+def describe_student(student: Any) -> dict[str, Any]:
+    """{"kind": ..., "config": {...}, ...}: what a checkpoint of ``student`` must match."""
+    return as_student(student).describe()
+
+
+def _vocab_map(student: Any) -> torch.Tensor | None:
+    vm = as_student(student).vocab_map
     return None if vm is None else vm.cpu()
 
 
@@ -425,7 +481,8 @@ def simulate_acceptance_length(agree: torch.Tensor, gamma: int) -> tuple[int, in
 
 
 class Evaluator:
-    """Held-out metrics of a student against the live teacher (exact full distributions).
+    """Held-out metrics of a student against the teacher's exact full distributions (from a
+    `TargetPass`: the teacher runs once, its logits are recomputed from its features per call).
 
     Positions: those predicting response tokens (mask 2) if the set has any, else every
     non-pad next token. Metrics: ``agree`` (greedy agreement), ``accept_t1`` (mean sum_v
@@ -435,17 +492,11 @@ class Evaluator:
     target's greedy responses.
     """
 
-    def __init__(
-        self, teacher: Any, ids: torch.Tensor, mask: torch.Tensor, *, gamma: int = 5, batch_rows: int = 2
-    ) -> None:
-        from hierspec.models.hf import HFModel
-
-        if ids.numel() == 0:
-            raise DataError("the eval set is empty")
-        self.hf = teacher.model if isinstance(teacher, HFModel) else teacher
-        self.ids, self.mask = ids.long(), mask
+    def __init__(self, target: TargetPass, *, gamma: int = 5, batch_rows: int = 2) -> None:
+        self.target = target
+        self.hf, self.ids, self.mask = target.hf, target.ids, target.mask
         self.gamma, self.batch_rows = gamma, batch_rows
-        self.response = bool((mask == 2).any())
+        self.response = bool((self.mask == 2).any())
 
     @torch.no_grad()
     def __call__(self, student: DraftLM | EarlyExitDraft) -> dict[str, float]:
@@ -463,13 +514,7 @@ class Evaluator:
         tokens = steps = 0
         for b0 in range(0, self.ids.shape[0], self.batch_rows):
             ids, mask = self.ids[b0 : b0 + self.batch_rows], self.mask[b0 : b0 + self.batch_rows]
-            att = (mask > 0).long()
-            att[:, 0] = 1
-            with torch.inference_mode():
-                t_logits = self.hf(
-                    input_ids=ids.to(self.hf.device), attention_mask=att.to(self.hf.device), use_cache=False
-                ).logits
-            p = torch.softmax(t_logits.float().cpu(), -1)
+            p = torch.softmax(self.target.logits(b0, b0 + ids.shape[0]), -1)
             s_red = student.train_logits(ids).float().cpu()
             if vm is None:
                 q = torch.softmax(s_red, -1)
@@ -579,14 +624,14 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "train_log.jsonl"
-    module = trainable_module(student)
+    learner = as_student(student)
+    module = learner.trainable
     module.train()
-    features = bool(getattr(student, "needs_features", False))
-    loader = ShardLoader(data_dir, seed=cfg.seed, group=cfg.shuffle_group, features=features)
+    loader = ShardLoader(data_dir, seed=cfg.seed, group=cfg.shuffle_group, features=learner.needs_features)
     opt = _optimizer(module, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
-    row_of = inverse_map(_vocab_map(student), student.vocab_size)
-    desc = describe_student(student)
+    row_of = inverse_map(_vocab_map(learner), learner.vocab_size)
+    desc = learner.describe()
     step, cursor = 0, {"epoch": 0, "pos": 0}
     history: list[dict[str, Any]] = []
 
@@ -604,7 +649,7 @@ def train(
             raise TrainError(f"cannot resume with changed settings {sorted(changed)}; use the checkpoint's")
         state = ck["model_state"]
         ck_vm = state.get("vocab_map")
-        my_vm = _vocab_map(student)
+        my_vm = _vocab_map(learner)
         if (ck_vm is None) != (my_vm is None) or (my_vm is not None and not torch.equal(ck_vm, my_vm)):
             raise TrainError(f"checkpoint {ckpt_path} was trained with another vocab_map")
         module.load_state_dict(state)
@@ -641,10 +686,7 @@ def train(
     last: dict[str, float] = {}
     while step < cfg.steps:
         batch, cursor = loader.next_batch(cursor, cfg.batch_size)
-        if hasattr(student, "train_loss"):
-            loss, stats = student.train_loss(batch, row_of, cfg)
-        else:
-            loss, stats = kd_loss(student.train_logits(batch["ids"]), batch, row_of, ce_weight=cfg.ce_weight)
+        loss, stats = learner.train_loss(batch, row_of, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip) if cfg.grad_clip else None
@@ -696,8 +738,5 @@ def export_student(
 ) -> Path:
     """Write the small committed file (`hierspec.models.draft` / `early_exit` format)."""
     path = Path(path)
-    if isinstance(student, DraftLM):
-        student.save(path, target, dtype=dtype, extra=info)
-    else:
-        student.save(path, target, dtype=dtype, extra=info)
+    student.save(path, target, dtype=dtype, extra=info)
     return path

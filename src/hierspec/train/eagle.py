@@ -31,6 +31,7 @@ from hierspec.models.draft import read_safetensors, write_safetensors
 from hierspec.models.eagle import EagleHead
 from hierspec.train.data import list_shards, load_rows
 from hierspec.train.distill import TrainConfig, kd_loss
+from hierspec.train.teacher import TargetPass, target_pass, teacher_path, topk_rows, write_teacher
 
 __all__ = [
     "EagleEvaluator",
@@ -39,7 +40,6 @@ __all__ = [
     "feature_path",
     "feature_rms",
     "load_features",
-    "target_features",
 ]
 
 FEATURES_FORMAT = "hierspec.eagle-features"
@@ -51,35 +51,42 @@ def feature_path(token_shard: str | os.PathLike[str]) -> Path:
 
 
 @torch.no_grad()
-def target_features(hf: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last hidden states after the final norm [B, T, H] float32, logits argmax [B, T]) of
-    right-padded rows (padding never influences earlier positions: causal attention)."""
-    att = (mask > 0).long()
-    att[:, 0] = 1
-    out = hf.model(input_ids=ids.to(hf.device), attention_mask=att.to(hf.device), use_cache=False)
-    h = out.last_hidden_state
-    top = hf.get_output_embeddings()(h).argmax(-1)
-    return h.float().cpu(), top.cpu()
-
-
 def cache_features(
-    hf: Any, data_dir: str | os.PathLike[str], *, batch_rows: int = 8, progress: bool = True
+    hf: Any,
+    data_dir: str | os.PathLike[str],
+    *,
+    batch_rows: int = 8,
+    progress: bool = True,
+    teacher_k: int | None = None,
 ) -> dict:
-    """Write the feature file of every token shard that lacks one; returns {"shards", "written"}."""
+    """Write the feature file of every token shard that lacks one; returns {"shards", "written",
+    "teacher_written"}.
+
+    With ``teacher_k`` a shard that also lacks its teacher file (`hierspec.train.teacher`) gets
+    it from the same forward: one target pass per new shard instead of two.
+    """
     from tqdm.auto import tqdm
 
     shards = list_shards(data_dir)
     todo = [s for s in shards if not feature_path(s).is_file()]
+    n_teacher = 0
     for s in tqdm(todo, desc="features", disable=not progress):
-        ids, mask, _ = load_rows(s)
-        parts = []
+        ids, mask, meta = load_rows(s)
+        with_teacher = teacher_k is not None and not teacher_path(s).is_file()
+        parts, rows = [], []
         for b0 in range(0, ids.shape[0], batch_rows):
-            h, _ = target_features(hf, ids[b0 : b0 + batch_rows].long(), mask[b0 : b0 + batch_rows])
-            parts.append(h.to(torch.bfloat16))
+            h, logits = target_pass(hf, ids[b0 : b0 + batch_rows], mask[b0 : b0 + batch_rows])
+            parts.append(h.to(torch.bfloat16).cpu())
+            if with_teacher:
+                rows.append(topk_rows(logits, teacher_k))
+        if with_teacher:
+            cat = tuple(torch.cat(x) for x in zip(*rows, strict=True))
+            write_teacher(s, meta, cat, teacher=type(hf).__name__)
+            n_teacher += 1
         write_safetensors(
             feature_path(s), {"h": torch.cat(parts)}, {"format": FEATURES_FORMAT, "shard": s.name}
         )
-    return {"shards": len(shards), "written": len(todo)}
+    return {"shards": len(shards), "written": len(todo), "teacher_written": n_teacher}
 
 
 def feature_rms(data_dir: str | os.PathLike[str]) -> float:
@@ -98,7 +105,8 @@ def load_features(token_shard: str | os.PathLike[str]) -> torch.Tensor:
 
 
 class EagleStudent:
-    """What `hierspec.train.distill.train` trains for ``--kind eagle``: the head plus its loss."""
+    """What `hierspec.train.distill.train` trains for ``--kind eagle``: the head plus its loss
+    (a `hierspec.train.distill.Student`)."""
 
     def __init__(
         self,
@@ -163,24 +171,17 @@ class EagleStudent:
 class EagleEvaluator:
     """Held-out metrics of an EAGLE head on the target's greedy responses (eval set rows).
 
-    The target's features and greedy choices are computed once. For every response position the
+    The target's features and greedy choices come from a `TargetPass` (run once, shared with
+    `hierspec.train.distill.Evaluator`). For every response position the
     head drafts ``gamma`` tokens exactly as `EagleDrafter.propose` does at temperature 0 (true
     features up to the start, then its own); ``agree{j}`` is the rate at which draft token j
     equals the target's greedy token given that tokens 1..j-1 did, and ``mal_g{gamma}`` the
     mean number of tokens per target forward of greedy EAGLE decoding along the responses.
     """
 
-    def __init__(
-        self, hf: Any, ids: torch.Tensor, mask: torch.Tensor, *, gamma: int = 5, batch_rows: int = 4
-    ):
+    def __init__(self, target: TargetPass, *, gamma: int = 5) -> None:
         self.gamma = gamma
-        self.ids, self.mask = ids.long(), mask
-        feats, tops = [], []
-        for b0 in range(0, ids.shape[0], batch_rows):
-            h, top = target_features(hf, self.ids[b0 : b0 + batch_rows], mask[b0 : b0 + batch_rows])
-            feats.append(h)
-            tops.append(top)
-        self.h, self.top = torch.cat(feats), torch.cat(tops)
+        self.ids, self.mask, self.h, self.top = target.ids, target.mask, target.h, target.top
 
     @torch.no_grad()
     def __call__(self, student: EagleStudent | EagleHead) -> dict[str, float]:

@@ -108,6 +108,39 @@ class TreeVerifyOutput:
 
 
 # ------------------------------------------------------------------- structure and validation
+def check_parents(parents: torch.Tensor | Sequence[int], n: int | None = None) -> torch.Tensor:
+    """The tree-shape contract, the one check of it for every user (the rules here and the tree
+    forwards of `hierspec.models`): ``parents`` is a non-empty 1-D vector of integers (a tensor
+    or a sequence), of length ``n`` when given, with parents[0] == -1 and 0 <= parents[i] < i
+    for i >= 1 (parents before children, so node order is a topological order).
+
+    Returns it as a LongTensor [N] on its device; ValueError "parents: expected ..." otherwise.
+    """
+    if isinstance(parents, torch.Tensor):
+        p = parents
+    else:
+        try:
+            p = torch.as_tensor(list(parents))
+        except (TypeError, ValueError, RuntimeError):
+            _fail("parents", "a 1-D sequence of ints", repr(parents))
+    if p.ndim != 1 or p.numel() == 0 or (n is not None and p.numel() != n):
+        want = f"shape [N] with N = {n} (one node per input column)" if n is not None else "shape [N], N >= 1"
+        _fail("parents", want, str(tuple(p.shape)))
+    if p.dtype == torch.bool or p.is_floating_point() or p.is_complex():
+        _fail("parents", "integer entries", str(p.dtype))
+    p = p.long()
+    if int(p[0]) != -1:
+        _fail("parents", "parents[0] == -1 (node 0 is the root)", f"parents[0] = {int(p[0])}")
+    if p.numel() > 1:
+        idx = torch.arange(1, p.numel(), device=p.device)
+        bad = (p[1:] < 0) | (p[1:] >= idx)
+        if bool(bad.any()):
+            i = int(idx[bad][0])
+            want = "0 <= parents[i] < i for i >= 1 (parents before children)"
+            _fail("parents", want, f"parents[{i}] = {int(p[i])}")
+    return p
+
+
 def children(parents: torch.Tensor | Sequence[int]) -> list[list[int]]:
     """children(parents)[i] = the children of node i in increasing index order."""
     pl = parents.tolist() if isinstance(parents, torch.Tensor) else list(parents)
@@ -151,18 +184,9 @@ def check_tree(
     (draft rows only for nodes with children); tokens[1:] lie in [0, V); q > 0 at every child's
     token under its parent's draft row."""
     _check_int_vector("parents", parents, None)
-    n = parents.numel()
+    n = check_parents(parents).numel()
     _check_int_vector("tokens", tokens, n)
     pl = parents.tolist()
-    if pl[0] != -1:
-        _fail("parents", "parents[0] == -1 (node 0 is the root)", f"parents[0] = {pl[0]}")
-    for i in range(1, n):
-        if not 0 <= pl[i] < i:
-            _fail(
-                "parents",
-                "0 <= parents[i] < i for i >= 1 (parents before children)",
-                f"parents[{i}] = {pl[i]}",
-            )
     v = None
     if target_probs is not None:
         v = _check_rows_shape("target_probs", target_probs, n, None)
