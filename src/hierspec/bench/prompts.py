@@ -28,12 +28,13 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
+
+from ..files import write_json_atomic
 
 __all__ = [
     "HUMANEVAL_INSTALL",
@@ -130,24 +131,6 @@ def cache_dir() -> Path:
     if xdg:
         return Path(xdg).expanduser() / "hierspec"
     return Path.home() / ".cache" / "hierspec"
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +311,7 @@ def _sharegpt_first_turns(max_chars: int) -> tuple[list[tuple[str, str]], dict[s
 
     extracted = _extract_sharegpt_first_turns(source, max_chars)
     try:
-        _write_json_atomic(cache_path, {**key, **extracted})
+        write_json_atomic(cache_path, {**key, **extracted}, ensure_ascii=False, separators=(",", ":"))
     except OSError as exc:
         warnings.warn(
             f"could not write the ShareGPT prompt cache {cache_path}: {exc}; "

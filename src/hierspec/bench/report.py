@@ -34,10 +34,10 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..files import write_bytes_atomic
 from .harness import TIME_COMPONENTS
 
 PLOTS = (
@@ -736,20 +736,6 @@ def make_plots(results: dict) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------------------------ files
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_report(results: dict, out: str | os.PathLike[str]) -> list[Path]:
     """Summarise ``results`` (adds ``results["summary"]``) and write report.md, results.json and
     the PNG plots into ``out`` (created if needed). Returns the paths written."""
@@ -764,6 +750,6 @@ def write_report(results: dict, out: str | os.PathLike[str]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, data in files.items():
-        _write_atomic(out / name, data)
+        write_bytes_atomic(out / name, data)
         written.append(out / name)
     return written

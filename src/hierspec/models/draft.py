@@ -46,7 +46,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hierspec.files import write_atomic
 from hierspec.models.base import ForwardOutput
 
 __all__ = [
@@ -178,24 +178,9 @@ def write_safetensors(
     """Write ``tensors`` + ``metadata`` (+ a ``sha256`` of the tensors) atomically (temp + rename)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {**{k: str(v) for k, v in metadata.items()}, "sha256": _tensor_digest(data)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(data, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared / committed
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_atomic(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
 
 
 def read_safetensors(

@@ -40,7 +40,6 @@ import json
 import os
 import re
 import sysconfig
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import Any
 
 import torch
 
+from hierspec.files import write_json_atomic
 from hierspec.models.draft import DraftFileError, read_safetensors, write_safetensors
 
 __all__ = [
@@ -303,16 +303,6 @@ def list_shards(data_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted((Path(data_dir) / "tokens").glob("*.safetensors"))
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ============================================================================ generation
 def generate_responses(
     model: Any,
@@ -443,7 +433,7 @@ def _check_manifest(data_dir: Path, cfg: DataConfig, codec: TextCodec) -> None:
                 "use another --data-dir or the same parameters"
             )
     else:
-        _write_json_atomic(path, want)
+        write_json_atomic(path, want, indent=1)
 
 
 def _pack_raw(docs: Iterator[str], codec: TextCodec, seq_len: int, limit: int | None, what: str) -> list[int]:
@@ -513,7 +503,7 @@ def prepare_data(
                 {"source": ",".join(map(str, raw)), "kind": "raw"},
             )
             n_shards += 1
-        _write_json_atomic(done, {"shards": n_shards, "rows": int(all_rows.shape[0])})
+        write_json_atomic(done, {"shards": n_shards, "rows": int(all_rows.shape[0])}, indent=1)
     if raw:
         summary["raw_rows"] = json.loads(done.read_text())["rows"]
 

@@ -39,7 +39,6 @@ import math
 import os
 import random
 import struct
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -52,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hierspec.files import write_bytes_atomic
 from hierspec.models.draft import DraftLM, TargetIdentity
 from hierspec.models.early_exit import EarlyExitDraft
 from hierspec.train.data import DataError, list_shards, load_rows
@@ -94,26 +94,11 @@ class CheckpointError(TrainError):
 # ============================================================================ checkpoints
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     """Atomically write ``payload`` (torch-serialisable) framed with magic + length + sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
     header = _HEADER.pack(_MAGIC, hashlib.sha256(data).digest(), len(data))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_bytes_atomic(path, header + data)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
