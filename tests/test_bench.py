@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import tiny_hf
 from hierspec import cli
 from hierspec.bench import harness
 from hierspec.bench.harness import BenchConfig, BenchError, MethodSpec, run_bench
@@ -60,18 +61,7 @@ def write_specbench(path: Path, extra_lines: tuple[str, ...] = ()) -> Path:
 
 
 def tiny_llama(layers: int, seed: int):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_hf(seed=seed, num_hidden_layers=layers, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
@@ -406,20 +396,10 @@ def test_parse_self_speculation_and_hierarchy_methods(tmp_path):
 def test_run_bench_self_speculation_and_hierarchy(tmp_path):
     """HiSpec, early exit and a 3-level hierarchy through the harness on a tiny HF Llama: greedy
     rows are identical to AR and carry the per-stage statistics."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from hierspec.models import HFModel, build_early_exit
 
-    torch.manual_seed(0)
-    cfg_l = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    hf = transformers.LlamaForCausalLM(cfg_l).eval()
+    hf = tiny_hf(seed=0, vocab_size=32, num_hidden_layers=4, max_position_embeddings=256)
     target = HFModel(hf)
     heads = {1: build_early_exit(hf, 1).head, 2: build_early_exit(hf, 2).head}
     _, small = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float32, max_length=256)

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from factories import tiny_hf
 from hierspec.models import (
     DraftConfig,
     DraftFileError,
@@ -31,30 +32,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 V = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and BLAS threads stall badly on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _llama(seed: int = 0, dtype: torch.dtype = torch.float64, **kw: object):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    return tiny_hf(
+        seed=seed,
+        dtype=dtype,
         vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
         rope_theta=1e5,
         tie_word_embeddings=True,
         **kw,
     )
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
 
 def _vocab_map(step: int = 3) -> torch.Tensor:
@@ -279,31 +266,10 @@ def test_early_exit_save_load_and_refusals(tmp_path) -> None:
     # a bf16 copy of the same target is accepted
     load_early_exit(path, _llama(dtype=torch.float32).to(torch.bfloat16))
     # other vocabulary / hidden size
-    torch.manual_seed(0)
-    other = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=256,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    )
+    other = tiny_hf(vocab_size=256, num_hidden_layers=4)
     with pytest.raises(DraftFileError, match="vocabulary size"):
         load_early_exit(path, other)
-    wide = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=V,
-            hidden_size=64,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    )
+    wide = tiny_hf(vocab_size=V, hidden_size=64, num_hidden_layers=4)
     with pytest.raises(DraftFileError, match="hidden_size"):
         load_early_exit(path, wide)
     raw = path.read_bytes()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from factories import tiny_hf
 from hierspec.drafters import Draft, ModelDrafter, NgramDrafter
 from hierspec.engine import generate
 from hierspec.models import TinyGPT, TinyGPTConfig, make_tiny_pair
@@ -59,23 +60,11 @@ def test_greedy_identity(pair, method, rule):
 
 
 def test_greedy_identity_hf_llama():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from hierspec.models import HFModel
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    target = HFModel(transformers.LlamaForCausalLM(cfg).eval())
-    torch.manual_seed(1)
-    cfg.num_hidden_layers = 1
-    draft = HFModel(transformers.LlamaForCausalLM(cfg).eval())
+    target = HFModel(tiny_hf(seed=0, max_position_embeddings=256))
+    draft = HFModel(tiny_hf(seed=1, num_hidden_layers=1, max_position_embeddings=256))
     prompt = [3, 9, 27, 3, 9, 27, 3]
     ref = plain_greedy(target, prompt, 24)
     for drafter in (None, ModelDrafter(draft), NgramDrafter()):

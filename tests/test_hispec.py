@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from factories import tiny_hf  # noqa: E402
 from hierspec.drafters import ModelDrafter  # noqa: E402
 from hierspec.hierarchy import SpeculativeDrafter  # noqa: E402
 from hierspec.hispec import SelfSpeculator, build_early_exit_spec, build_hispec  # noqa: E402
@@ -27,8 +28,9 @@ N = 1500
 
 def tiny_llama(vocab=5, seed=3, scale=8.0, layers=4, hidden=16):
     """A float64 Llama with an untied, scaled LM head (peaked, context-dependent rows)."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
+    hf = tiny_hf(
+        seed=seed,
+        dtype=torch.float64,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -39,7 +41,6 @@ def tiny_llama(vocab=5, seed=3, scale=8.0, layers=4, hidden=16):
         rope_theta=1e4,
         tie_word_embeddings=False,
     )
-    hf = transformers.LlamaForCausalLM(cfg).double().eval()
     with torch.no_grad():
         hf.lm_head.weight.mul_(scale)
     return hf

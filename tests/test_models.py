@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from factories import tiny_hf
 from hierspec.models import (
     ForwardOutput,
     HFModel,
@@ -31,20 +32,7 @@ def _tiny32() -> TinyGPT:
 
 
 def _hf_llama(dtype: torch.dtype = torch.float64, **extra: object) -> HFModel:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **extra,
-    )
-    model = transformers.LlamaForCausalLM(config).to(dtype)
-    return HFModel(model)
+    return HFModel(tiny_hf(seed=0, dtype=dtype, **extra))
 
 
 def _hf_llama32() -> HFModel:
@@ -62,19 +50,7 @@ def _hf_gpt2() -> HFModel:
 
 def _hf_mistral_sliding() -> HFModel:
     """Sliding window 5 < sequence length: checks the window is applied over absolute positions."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(2)
-    config = transformers.MistralConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=5,
-    )
-    return HFModel(transformers.MistralForCausalLM(config).to(torch.float64))
+    return HFModel(tiny_hf("Mistral", seed=2, dtype=torch.float64, sliding_window=5))
 
 
 FACTORIES = {

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import tiny_hf
 from hierspec.drafters import ModelDrafter
 from hierspec.engine import generate
 from hierspec.models import DraftConfig, DraftLM, HFModel, build_early_exit, load_draft, load_early_exit
@@ -49,24 +50,12 @@ V = 128
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and BLAS threads stall badly on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _llama(seed: int = 0, dtype: torch.dtype = torch.float32):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    model = tiny_hf(
+        seed=seed,
+        dtype=dtype,
         vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         rope_theta=1e5,
         bos_token_id=1,
@@ -74,7 +63,6 @@ def _llama(seed: int = 0, dtype: torch.dtype = torch.float32):
         pad_token_id=0,
         initializer_range=0.3,  # context-dependent, fairly sharp next-token distributions
     )
-    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)
     return model
@@ -534,24 +522,21 @@ def test_cli_pipeline_end_to_end_and_resume(tmp_path) -> None:
 def test_copy_layers_init_reproduces_the_target() -> None:
     """A draft of the target's width initialised with all its layers computes the target's
     logits on the reduced vocabulary; a wrong shape is refused."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from hierspec.models.draft import DraftConfig, DraftLM
     from hierspec.train.cli import rope_theta
     from hierspec.train.distill import TrainError, init_draft_from_target_layers
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    hf = tiny_hf(
+        seed=0,
+        dtype=torch.float64,
         vocab_size=40,
-        hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         rope_theta=1e4,
         tie_word_embeddings=True,
     )
-    hf = transformers.LlamaForCausalLM(cfg).double().eval()
     vm = torch.arange(0, 40, 2)
     dc = DraftConfig(
         vocab_size=40,
@@ -562,7 +547,7 @@ def test_copy_layers_init_reproduces_the_target() -> None:
         n_kv_head=2,
         d_ff=48,
         rope_theta=rope_theta(hf.config),
-        norm_eps=cfg.rms_norm_eps,
+        norm_eps=hf.config.rms_norm_eps,
         max_length=64,
     )
     draft = DraftLM(dc, vm, dtype=torch.float64)

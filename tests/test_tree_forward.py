@@ -16,6 +16,7 @@ import torch
 
 import hierspec.models.hf as hf_module
 import hierspec.models.tiny as tiny_module
+from factories import tiny_hf
 from hierspec.models import HFModel
 from hierspec.models.treemask import (
     ancestor_mask,
@@ -52,22 +53,17 @@ def _llama64_eager() -> HFModel:
 
 def _qwen2_mixed64() -> HFModel:
     """Per-layer types (a sliding layer, window 5, and a full layer): takes a dict of masks."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(3)
-    config = transformers.Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        use_sliding_window=True,
-        sliding_window=5,
-        layer_types=["sliding_attention", "full_attention"],
-        initializer_range=SHARP,
+    return HFModel(
+        tiny_hf(
+            "Qwen2",
+            seed=3,
+            dtype=torch.float64,
+            use_sliding_window=True,
+            sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"],
+            initializer_range=SHARP,
+        )
     )
-    return HFModel(transformers.Qwen2ForCausalLM(config).to(torch.float64))
 
 
 # name -> (factory, atol). Eager attention runs its softmax in float32 even for float64 models.
