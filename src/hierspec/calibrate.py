@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .engine import generate
+from .files import write_json_atomic
 from .models.base import LanguageModel
 from .sampling import SamplingParams, process_logits
 
@@ -78,7 +79,7 @@ class Calibration:
         return np.array(self.alpha)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        write_json_atomic(path, asdict(self), indent=1)
 
     @staticmethod
     def load(path: str | Path, models: Sequence[LanguageModel] | None = None) -> Calibration:
