@@ -177,7 +177,12 @@ def test_greedy_identity_and_local_equals_process(pair32):
                 st = out.stats
                 assert st.num_generated_tokens == 40 and not st.fallback_events
                 if cfg.get("force_miss"):
-                    assert st.num_hits == 0 and st.num_fallback_fast == st.num_rounds - 1
+                    # every drafted round (the cold start and each miss) is served by the fast
+                    # fallback; a round with no draft happens at most once, at the very end, and
+                    # whether it happens depends on where the random fallback drafts end the run
+                    assert st.num_hits == 0 and st.num_fallback_fast == st.rounds_on_miss
+                    assert st.rounds_on_miss == st.num_misses + st.num_cold_starts
+                    assert st.num_rounds - st.rounds_on_miss in (0, 1)
                 else:
                     assert st.num_hits > 0 and st.hit_rate > 0.3
             outs[mode] = s.generate(prompt, **sampled).token_ids
