@@ -42,6 +42,12 @@ def test_files_and_model_cards():
         shipped.exit_head_path(3)
 
 
+def _chat_ids(tok, text: str) -> list[int]:
+    """The chat-template token ids of one user turn, ready for the assistant's reply."""
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def test_greedy_identity_with_shipped_weights(smollm):
     from hierspec.drafters import ModelDrafter
     from hierspec.engine import generate
@@ -52,10 +58,7 @@ def test_greedy_identity_with_shipped_weights(smollm):
 
     target, tok = smollm
     greedy = SamplingParams(temperature=0)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "List three uses of a paperclip."}], add_generation_prompt=True
-    )
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = _chat_ids(tok, "List three uses of a paperclip.")
     n = 24
     ref = generate(target, ids, params=greedy, max_new_tokens=n).token_ids
     drafts = {name: load_draft(shipped.draft_path(name)) for name in shipped.DRAFTS}
@@ -89,10 +92,7 @@ def test_shipped_eagle_head(smollm):
     assert path.with_suffix(".md").is_file() and path.stat().st_size < 32 * 2**20
     target, tok = smollm
     greedy = SamplingParams(temperature=0)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "Explain what a hash map is."}], add_generation_prompt=True
-    )
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = _chat_ids(tok, "Explain what a hash map is.")
     n = 24
     ref = generate(target, ids, params=greedy, max_new_tokens=n).token_ids
     drafter = EagleDrafter(load_eagle(path, target, tokenizer=tok))
