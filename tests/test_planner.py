@@ -142,3 +142,31 @@ def test_unsorted_costs_warn():
     alpha = np.full((3, 3), 0.8)
     with pytest.warns(UserWarning, match="not sorted by increasing decode cost"):
         plan(alpha, const_cost([0.5, 0.1, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("alpha", "cost", "kw", "match"),
+    [
+        (np.ones((2, 3)), const_cost([1.0, 2.0]), {}, r"alpha: expected a square M x M matrix"),
+        (np.zeros((0, 0)), const_cost([]), {}, r"alpha: expected a square"),
+        ([[1.0, 0.5], [0.5]], const_cost([1.0, 2.0]), {}, r"alpha: .*ragged"),
+        (
+            np.array([[1.0, 5.0], [5.0, 1.0]]),
+            const_cost([1.0, 2.0]),
+            {},
+            r"alpha: expected acceptance rates in \[0, 1\]",
+        ),
+        (
+            np.array([[1.0, np.nan], [0.5, 1.0]]),
+            const_cost([1.0, 2.0]),
+            {},
+            r"alpha: expected acceptance rates",
+        ),
+        (np.eye(2), const_cost([-1.0, 2.0]), {}, r"cost: expected positive finite"),
+        (np.eye(2), const_cost([1.0, 2.0]), {"n_max": 0}, r"n_max: expected an integer >= 1"),
+        (np.eye(2), const_cost([1.0, 2.0]), {"top": 1.5}, r"top: expected an integer >= 1"),
+    ],
+)
+def test_plan_rejects_bad_inputs(alpha, cost, kw, match):
+    with pytest.raises(ValueError, match=match):
+        plan(alpha, cost, **kw)

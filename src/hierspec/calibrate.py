@@ -19,12 +19,15 @@ calibration cannot be applied to another model set by mistake (`load`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,19 +86,104 @@ class Calibration:
 
     @staticmethod
     def load(path: str | Path, models: Sequence[LanguageModel] | None = None) -> Calibration:
-        """Read a calibration; with `models`, check it was made for exactly these models."""
+        """Read and validate a calibration (`check_calibration`); with `models`, check it was made
+        for exactly these models. Every defect is a ValueError naming the file and the field."""
+        where = f"calibration file {str(path)!r}"
         try:
-            cal = Calibration(**json.loads(Path(path).read_text()))
-        except (OSError, ValueError, TypeError) as err:
-            raise ValueError(f"calibration file {str(path)!r} is unreadable or malformed: {err}") from None
+            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{where} is unreadable or malformed: {err}") from None
+        cal = Calibration(**check_calibration(raw, where))
         if models is not None:
             fps = [fingerprint(m) for m in models]
             if fps != cal.fingerprints:
                 raise ValueError(
-                    f"calibration file {str(path)!r} was made for other models ({cal.names}); "
+                    f"{where} was made for other models ({cal.names}); "
                     "re-run `hierspec calibrate` for this model set"
                 )
         return cal
+
+
+_ALPHA_TOLERANCE = 1e-6  # sums of probabilities may exceed 1 by rounding
+
+
+def check_calibration(raw: object, where: str = "calibration") -> dict[str, Any]:
+    """``raw`` (parsed JSON) if it is a well-formed calibration, else ValueError naming ``where``
+    and the field: exactly the fields of `Calibration`; ``names`` a non-empty list of strings and
+    ``fingerprints`` one string per name; ``sizes`` positive, strictly increasing ints; ``costs``
+    one list per model of one positive finite number (seconds) per size; ``alpha``, ``alpha_lo``,
+    ``alpha_hi`` square matrices (one row per model) of numbers in [0, 1]; ``sampling`` a string;
+    ``context``, ``num_prompts`` positive ints. (Costs need not increase with the size: on a noisy
+    host the medians of neighbouring sizes may cross.)"""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object with the fields {_FIELDS}, got {_kind(raw)}")
+    missing = [k for k in _FIELDS if k not in raw]
+    unknown = [k for k in raw if k not in _FIELDS]
+    if missing:
+        raise ValueError(f'{where}: field "{missing[0]}" is missing (a calibration has {_FIELDS})')
+    if unknown:
+        raise ValueError(f'{where}: unknown field "{unknown[0]}" (a calibration has {_FIELDS})')
+
+    def bad(field: str, expected: str, got: str) -> ValueError:
+        return ValueError(f'{where}: field "{field}": expected {expected}, got {got}')
+
+    names, m = raw["names"], len(raw["names"]) if isinstance(raw["names"], list) else 0
+    if not m or not all(isinstance(x, str) and x for x in names):
+        raise bad("names", "a non-empty list of model names (strings)", _kind(names))
+    fps = raw["fingerprints"]
+    if not isinstance(fps, list) or len(fps) != m or not all(isinstance(x, str) for x in fps):
+        raise bad("fingerprints", f'{m} strings (one per model in "names")', _kind(fps))
+    sizes = raw["sizes"]
+    if not isinstance(sizes, list) or not sizes or not all(_is_int(n) and n > 0 for n in sizes):
+        raise bad("sizes", "a non-empty list of positive integers (tokens per forward)", _kind(sizes))
+    if any(b <= a for a, b in itertools.pairwise(sizes)):
+        raise bad("sizes", "strictly increasing sizes", str(sizes))
+    costs = raw["costs"]
+    if not isinstance(costs, list) or len(costs) != m:
+        raise bad("costs", f'{m} lists (one per model in "names")', _kind(costs))
+    for i, row in enumerate(costs):
+        if not isinstance(row, list) or len(row) != len(sizes):
+            raise bad(f"costs[{i}]", f'{len(sizes)} costs (one per entry of "sizes")', _kind(row))
+        for j, c in enumerate(row):
+            if not _is_number(c) or not math.isfinite(c) or c <= 0:
+                raise bad(f"costs[{i}][{j}]", "a positive finite number of seconds", repr(c))
+    for field in ("alpha", "alpha_lo", "alpha_hi"):
+        a = raw[field]
+        if not isinstance(a, list) or len(a) != m:
+            got = f"{len(a)} rows" if isinstance(a, list) else _kind(a)
+            raise bad(field, f'a {m}x{m} matrix (one row per model in "names")', got)
+        for i, row in enumerate(a):
+            if not isinstance(row, list) or len(row) != m:
+                got = f"{len(row)} columns in row {i}" if isinstance(row, list) else f"row {i}: {_kind(row)}"
+                raise bad(field, f'a {m}x{m} matrix (one row per model in "names")', got)
+            for j, x in enumerate(row):
+                if not _is_number(x) or not -_ALPHA_TOLERANCE <= x <= 1 + _ALPHA_TOLERANCE:
+                    raise bad(f"{field}[{i}][{j}]", "an acceptance rate in [0, 1]", repr(x))
+    if not isinstance(raw["sampling"], str):
+        raise bad("sampling", "a string describing the sampling", _kind(raw["sampling"]))
+    for field in ("context", "num_prompts"):
+        if not _is_int(raw[field]) or raw[field] <= 0:
+            raise bad(field, "a positive integer", repr(raw[field]))
+    return raw
+
+
+_FIELDS = [f.name for f in fields(Calibration)]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _kind(x: object) -> str:
+    """A short description of a JSON value for error messages."""
+    if isinstance(x, list):
+        return f"a list of {len(x)}"
+    text = json.dumps(x) if isinstance(x, str | int | float | bool) or x is None else type(x).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def measure_costs(model: LanguageModel, sizes: Sequence[int], context: int, repeats: int = 7) -> list[float]:

@@ -14,6 +14,12 @@ At temperature 0 the greedy rule runs on the raw logits (only the argmax matters
 is token-identical to plain greedy decoding; at T > 0 target rows are processed with the same
 `SamplingParams` as the draft's, and the chosen rule keeps the output distributed exactly as the
 processed target. Draft and verification use separate RNG streams derived from `seed`.
+
+Device: the target, the tensors fed to it and to the rule, and both RNG streams live on
+``target.device`` (``make_generators(seed, target.device)``); the committed context stays on the
+CPU, where drafters read it. Each step syncs with the host once, to commit (see `hierspec.step`).
+Optional capabilities are typed protocols checked with ``isinstance``: a `TreeModel` target and a
+`TreeDrafter` for tree steps, a `FeatureDrafter` (EAGLE) to receive the target's hidden states.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .drafters.base import Drafter, TreeSpec
-from .models.base import LanguageModel
+from .drafters.base import Drafter, FeatureDrafter, TreeDrafter, TreeSpec
+from .models.base import LanguageModel, PrefillModel, tree_support
+from .output import Output
 from .sampling import SamplingParams, make_generators
 from .stats import SpecStats
 from .step import speculative_step, tree_step
@@ -107,47 +114,51 @@ def generate(
     ``target_rows`` [1, k+1, V] (processed probabilities; raw logits at temperature 0) and
     ``num_accepted`` (int) -- what ``RULES[rule].law`` needs for the exact acceptance law of
     that draft. Read-only views of engine tensors; the time it takes counts in ``time_decode``.
-    tree: draft a tree of this shape each step instead of a chain (`tree_step`; the drafter needs
-    ``propose_tree``, the target ``forward_tree`` / ``compact``; ``rule`` and ``gamma`` are unused:
+    tree: draft a tree of this shape each step instead of a chain (`tree_step`; the drafter must be
+    a `TreeDrafter` (``propose_tree``), the target a `TreeModel` (``forward_tree`` / ``compact``);
+    ``rule`` and ``gamma`` are unused:
     trees are verified by exact recursive rejection sampling, depth caps the tokens per step;
     ``on_verify`` is not called for tree steps: `hierspec.verify.tree.tree_law` is their law).
 
-    A drafter with ``wants_target_hidden`` (EAGLE) receives the target's last hidden states of
-    every committed position through ``observe_target`` (prefill and each verification).
+    A `FeatureDrafter` (EAGLE) receives the target's last hidden states of every committed
+    position through ``observe_target`` (prefill and each verification).
+
+    Device: everything runs on ``target.device`` (see module docstring); a prompt tensor may live
+    anywhere, the committed context is kept on the CPU.
     """
     params = params or SamplingParams()
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
     if prompt.dim() == 1:
         prompt = prompt[None]
     check_generate_args(target, prompt, drafter, gamma, max_new_tokens)
     verify_rule = get_rule("greedy" if params.greedy else rule)
     if tree is not None:
         _check_tree_args(target, drafter, tree, prompt.shape[1])
-    wants_hidden = bool(getattr(drafter, "wants_target_hidden", False))
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings: a tokenizer is needed to match stop strings")
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
-    g_draft, g_verify = make_generators(seed)
+    wants_hidden = isinstance(drafter, FeatureDrafter)
+    output = Output(
+        eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer, on_tokens=on_tokens
+    )
+    g_draft, g_verify = make_generators(seed, target.device)
     stats = SpecStats(prompt_tokens=prompt.shape[1])
     room = target.max_length - prompt.shape[1]
     budget_total = min(max_new_tokens, room)
-    finish = "length"
 
     t0 = time.perf_counter()
     target.reset()
     if drafter is not None:
         drafter.reset()
-    if prompt.shape[1] > 1:
+    if prompt.shape[1] > 1 and isinstance(target, PrefillModel) and not wants_hidden:
+        target.prefill(prompt[:, :-1].to(target.device))  # no logits: nobody reads them
+    elif prompt.shape[1] > 1:
         out = target.forward(prompt[:, :-1].to(target.device), output_hidden=wants_hidden)
         if wants_hidden:
             drafter.observe_target(0, out.hidden[0])
     stats.time_prefill = time.perf_counter() - t0
 
     context = prompt
-    new: list[int] = []
     t_start = time.perf_counter()
-    while len(new) < budget_total:
-        budget = budget_total - len(new)
+    while len(output.tokens) < budget_total:
+        budget = budget_total - len(output.tokens)
         k_max = min(gamma, budget - 1)
         spec = _fit_tree(tree, budget, target.max_length - context.shape[1])
         if spec is not None:
@@ -166,35 +177,13 @@ def generate(
                 validate,
                 on_verify,
             )
-        step = res.tokens
-
-        for i, tok in enumerate(step):
-            if tok in eos:
-                step = step[: i + 1]
-                finish = "eos"
-                break
-        new.extend(step)
+        step = output.commit(res.tokens)  # EOS / stop-string cut, streaming (`hierspec.output`)
         context = torch.cat([context, torch.tensor([step], dtype=torch.long)], 1)
-        if stop_strings:
-            text = tokenizer.decode(new, skip_special_tokens=False)
-            hit = _find_stop(text, stop_strings)
-            if hit is not None:
-                new, step = _cut_at_stop(new, step, tokenizer, hit, stop_strings)
-                finish = "stop"
-        if on_tokens is not None and step:
-            on_tokens(step)
-        if finish != "length":
+        if output.done:
             break
     stats.time_decode = time.perf_counter() - t_start
-    stats.num_generated_tokens = len(new)
-    text = None
-    if tokenizer is not None:
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if finish == "stop":
-            end = _find_stop(text, stop_strings)
-            if end is not None:
-                text = text[:end]
-    return GenerationResult(new, finish, stats, text, prompt[0].tolist())
+    stats.num_generated_tokens = len(output.tokens)
+    return GenerationResult(output.tokens, output.finish, stats, output.text(), prompt[0].tolist())
 
 
 def _check_tree_args(target: LanguageModel, drafter: Drafter | None, tree: TreeSpec, prompt_len: int) -> None:
@@ -202,10 +191,15 @@ def _check_tree_args(target: LanguageModel, drafter: Drafter | None, tree: TreeS
     not fit the target's context."""
     if not isinstance(tree, TreeSpec):
         raise ValueError(f"tree: expected a TreeSpec, got {type(tree).__name__}")
-    if drafter is None or not hasattr(drafter, "propose_tree"):
-        raise ValueError("tree: the drafter cannot draft trees (it has no propose_tree); use --method eagle")
-    if not (hasattr(target, "forward_tree") and hasattr(target, "compact")):
-        raise ValueError(f"tree: the target {type(target).__name__} has no tree-attention forward")
+    if not isinstance(drafter, TreeDrafter):
+        name = type(drafter).__name__ if drafter is not None else "none"
+        raise ValueError(
+            f"tree: the drafter ({name}) cannot draft trees (it is no TreeDrafter: no propose_tree); "
+            "use an EAGLE drafter (--method eagle)"
+        )
+    why = tree_support(target)
+    if why is not None:
+        raise ValueError(f"tree: {why}")
     if prompt_len - 1 + tree.budget + 1 > target.max_length:
         raise ValueError(
             f"tree budget: {tree.budget} nodes after a {prompt_len}-token prompt exceed the target's "
@@ -219,23 +213,3 @@ def _fit_tree(tree: TreeSpec | None, budget: int, room: int) -> TreeSpec | None:
     if tree is None or budget <= 1 or room < 1:
         return None
     return replace(tree, depth=min(tree.depth, budget - 1), budget=min(tree.budget, room))
-
-
-def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
-    """End index of the earliest stop-string occurrence in text, or None."""
-    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
-    return min(ends) if ends else None
-
-
-def _cut_at_stop(
-    new: list[int], step: list[int], tokenizer, end: int, stop_strings: Sequence[str]
-) -> tuple[list[int], list[int]]:
-    """Drop the tokens after the one that completes the stop string."""
-    base = len(new) - len(step)
-    for i in range(len(step)):
-        if (
-            _find_stop(tokenizer.decode(new[: base + i + 1], skip_special_tokens=False), stop_strings)
-            is not None
-        ):
-            return new[: base + i + 1], step[: i + 1]
-    return new, step

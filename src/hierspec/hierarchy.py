@@ -16,6 +16,16 @@ lossless. Handing up the residual a correction token was drawn from (instead of 
 is biased: the tests keep that variant as a negative control. At temperature 0 every level is
 greedy and returns q one-hot (probs None).
 
+Randomness: each level uses two independent streams, one for its drafter below and one for its own
+verification (the engine's convention, which the losslessness proofs assume). Both are derived
+at the first `propose` after `reset` from the generator the level above passes (one draw from
+it seeds `make_generators`; torch's default generator if None), so a seeded generation is
+reproducible and the level's coins are independent of the level above's verification stream.
+
+Device: the level's streams, the rows it hands up and its tokens live on its model's device (the
+rows are never copied to the host); its context stays on the CPU, where it appends each step's
+committed tokens (host values already: the step's one sync). A level syncs once per inner step.
+
 Caches: `model` keeps "context minus its last token" between steps (as the engine's target);
 on each `propose` it is rolled back to the longest common prefix with the new context (the
 level above may reject any suffix), and the level below re-syncs itself the same way, so caches
@@ -28,7 +38,7 @@ import torch
 
 from .drafters.base import Draft, Drafter, draft_room, sync_cache
 from .models.base import LanguageModel
-from .sampling import SamplingParams
+from .sampling import SamplingParams, make_generators
 from .stats import SpecStats
 from .step import StepResult, speculative_step
 from .verify import get_rule
@@ -61,13 +71,26 @@ class SpeculativeDrafter:
             self.inner.reset()
         self._fed = torch.zeros(0, dtype=torch.long)
         self.stats = SpecStats()
+        self._parent: torch.Generator | None = None
+        self._streams: tuple[torch.Generator, torch.Generator] | None = None
+
+    def _generators(self, generator: torch.Generator | None) -> tuple[torch.Generator, torch.Generator]:
+        """(draft stream, verification stream) of this level, derived from ``generator`` once per
+        generation (re-derived if the level above passes another generator)."""
+        g = generator if generator is not None else torch.default_generator
+        if self._streams is None or g is not self._parent:
+            seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
+            self._parent, self._streams = g, make_generators(seed, self.model.device)
+        return self._streams
 
     def _step(
         self, local: torch.Tensor, k_max: int, params: SamplingParams, generator: torch.Generator | None
     ) -> StepResult:
         rule = get_rule("greedy") if params.greedy else self.rule
-        g = generator if generator is not None else torch.default_generator
-        return speculative_step(self.model, local, self.inner, rule, k_max, params, g, g, self.stats)
+        g_draft, g_verify = self._generators(generator)
+        return speculative_step(
+            self.model, local, self.inner, rule, k_max, params, g_draft, g_verify, self.stats
+        )
 
     def propose(
         self,
@@ -76,9 +99,10 @@ class SpeculativeDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
+        dev = self.model.device
         num_tokens = draft_room(context, num_tokens, self.model.max_length)
         if num_tokens <= 0:
-            return Draft.empty(1, context.device)
+            return Draft.empty(1, dev)
         local = context.cpu()
         sync_cache(self.model, self._fed, local[0], local.shape[1] - 1)
         tokens: list[int] = []
@@ -92,8 +116,8 @@ class SpeculativeDrafter:
             local = torch.cat([local, torch.tensor([res.tokens], dtype=torch.long)], 1)
         self._fed = local[0, :-1].clone()
         self.stats.num_generated_tokens += len(tokens)
-        probs = None if params.greedy else torch.cat(rows)[None].to(context.device)
-        return Draft(torch.tensor([tokens], dtype=torch.long, device=context.device), probs)
+        probs = None if params.greedy else torch.cat(rows)[None]  # [1, k, V], on dev: no copy
+        return Draft(torch.tensor([tokens], dtype=torch.long, device=dev), probs)
 
 
 def build_hierarchy(

@@ -13,12 +13,14 @@ It is a three-level hierarchy (`hierspec.hierarchy`) whose levels are views of o
            drafter = SpeculativeDrafter(intermediate view, ModelDrafter(draft view), rule, N_d),
            gamma = N_i)
 
+* One rule: ``build_hispec(rule=...)`` (token / block / hsd; greedy at T = 0) is used by both
+  stages; `SelfSpeculator.generate` takes no other (a different ``rule`` there is an error).
 * Stage 1 (intermediate verification): draft tokens X ~ q_d are verified against p_i (the exit-L_i
-  distribution) with ``rule`` (token / block / hsd; greedy at T = 0). Accepted tokens and the
+  distribution) with ``rule``. Accepted tokens and the
   correction/bonus token are distributed exactly as p_i's autoregressive law, and each is buffered
   with its FULL p_i row (the hierarchy contract, never the residual).
-* Stage 2 (full verification): the full model verifies the N_i buffered tokens with q := p_i, the
-  distribution they were actually emitted under. Using q_d here instead is the classic HiSpec
+* Stage 2 (full verification): the full model verifies the N_i buffered tokens with ``rule`` and
+  q := p_i, the distribution they were actually emitted under. Using q_d here instead is the classic HiSpec
   sampling trap: the buffered tokens are not distributed as q_d (stage 1 reshaped them); the tests
   keep that variant as the negative control.
 * Exactness: the views change how each model's logits are computed (shared KV, buffered hidden
@@ -35,9 +37,9 @@ It is a three-level hierarchy (`hierspec.hierarchy`) whose levels are views of o
   exactly N_i tokens (fewer only at the end of generation). A fixed block length is what the block
   and HSD rules' guarantee is proved for, and it bounds the unverified work.
 
-Single-exit self-speculation (LayerSkip): ``engine(target = full view, drafter =
-ModelDrafter(draft view), gamma)``; the full pass continues from the L_d hidden states and the
-layers < L_d keep the draft's KV.
+Single-exit self-speculation (LayerSkip, `build_early_exit_spec`): ``engine(target = full view,
+drafter = ModelDrafter(draft view), gamma, rule)``; the full pass continues from the L_d hidden
+states and the layers < L_d keep the draft's KV.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .engine import GenerationResult, generate
 from .hierarchy import SpeculativeDrafter
 from .models.early_exit import EarlyExitHead
 from .models.layered import ExitView, LayerStack, exit_views
+from .verify import get_rule
 
 __all__ = ["SelfSpeculator", "build_early_exit_spec", "build_hispec"]
 
@@ -61,7 +64,8 @@ __all__ = ["SelfSpeculator", "build_early_exit_spec", "build_hispec"]
 class SelfSpeculator:
     """A self-speculative decoder over one `LayerStack`: ``generate`` runs the engine with the
     full view as target and ``drafter`` (a view-based drafter), verifying ``gamma`` tokens per
-    full-model pass; ``stage_stats`` reports per-stage work after a generation."""
+    full-model pass with ``rule`` (HiSpec: the same rule as its intermediate level, both set by
+    `build_hispec`); ``stage_stats`` reports per-stage work after a generation."""
 
     method: str  # "hispec" | "early-exit"
     stack: LayerStack
@@ -69,13 +73,24 @@ class SelfSpeculator:
     drafter: Any
     gamma: int
     level: SpeculativeDrafter | None = None  # the intermediate level (HiSpec only)
+    rule: str = "token"  # the full model's verification rule (at T > 0)
 
     def generate(self, prompt_ids: torch.Tensor | Sequence[int], **kwargs: Any) -> GenerationResult:
-        """`hierspec.engine.generate` with this system's target, drafter and gamma (other keyword
-        arguments: rule, params, max_new_tokens, eos_token_id, stop_strings, tokenizer, seed, ...)."""
+        """`hierspec.engine.generate` with this system's target, drafter, gamma and rule (other
+        keyword arguments: params, max_new_tokens, eos_token_id, stop_strings, tokenizer, seed,
+        ...). ``rule`` is the system's: passing a different one is a ValueError."""
+        rule = kwargs.pop("rule", self.rule)
+        if rule != self.rule:
+            built = "build_hispec" if self.method == "hispec" else "build_early_exit_spec"
+            raise ValueError(
+                f"rule: this {self.method} system verifies with {self.rule!r}, set once at "
+                f"{built}(rule=...); got {rule!r}"
+            )
         for st in self.stack.stats:
             st.__init__()
-        return generate(self.target, prompt_ids, drafter=self.drafter, gamma=self.gamma, **kwargs)
+        return generate(
+            self.target, prompt_ids, drafter=self.drafter, gamma=self.gamma, rule=self.rule, **kwargs
+        )
 
     def stage_stats(self, result: GenerationResult) -> dict[str, Any]:
         """Per-stage statistics of the last generation.
@@ -130,22 +145,32 @@ def build_hispec(
     max_length: int | None = None,
 ) -> SelfSpeculator:
     """HiSpec on ``model`` with early-exit heads at L_d = draft_head's exit and L_i =
-    verify_head's exit (L_d < L_i < L). ``rule`` verifies draft steps against the intermediate
-    exit (stage 1); the full model's rule (stage 2) is the engine's ``rule`` argument."""
+    verify_head's exit (L_d < L_i < L). ``rule`` (token / block / hsd) verifies both the draft
+    steps against the intermediate exit (stage 1) and the buffered tokens against the full model
+    (stage 2); at temperature 0 both stages are greedy."""
     _check_count("nd", nd)
     _check_count("ni", ni)
     ld, li = draft_head.config.exit_layer, verify_head.config.exit_layer
     if not ld < li:
         raise ValueError(f"exits: the draft exit ({ld}) must come before the intermediate exit ({li})")
     vd, vi, vf = exit_views(model, [draft_head, verify_head], max_length=max_length)
+    get_rule(rule)
+    vd, vi, vf = exit_views(model, [draft_head, verify_head], max_length=max_length)
     level = SpeculativeDrafter(vi, ModelDrafter(vd), rule=rule, gamma=nd)
-    return SelfSpeculator("hispec", vf.stack, vf, level, ni, level)
+    return SelfSpeculator("hispec", vf.stack, vf, level, ni, level, rule)
 
 
 def build_early_exit_spec(
-    model: Any, draft_head: EarlyExitHead, *, gamma: int = 4, max_length: int | None = None
+    model: Any,
+    draft_head: EarlyExitHead,
+    *,
+    gamma: int = 4,
+    rule: str = "token",
+    max_length: int | None = None,
 ) -> SelfSpeculator:
-    """LayerSkip-style self-speculation: draft at the head's exit, verify with the full model."""
+    """LayerSkip-style self-speculation: draft at the head's exit, verify with the full model
+    using ``rule`` (token / block / hsd; greedy at temperature 0)."""
     _check_count("gamma", gamma)
+    get_rule(rule)
     vd, vf = exit_views(model, [draft_head], max_length=max_length)
-    return SelfSpeculator("early-exit", vf.stack, vf, ModelDrafter(vd), gamma)
+    return SelfSpeculator("early-exit", vf.stack, vf, ModelDrafter(vd), gamma, rule=rule)

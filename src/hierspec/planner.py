@@ -24,6 +24,7 @@ batch length N_i; `exact_latency` uses the renewal-reward recursion with the bat
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,15 +112,35 @@ class Plan:
     speedup: float
 
 
+def _check_alpha(alpha: np.ndarray) -> np.ndarray:
+    """``alpha`` as a float array if it is a non-empty square matrix of rates in [0, 1]."""
+    try:
+        a = np.asarray(alpha, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError("alpha: expected a square matrix of acceptance rates, got a ragged array") from None
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
+        raise ValueError(f"alpha: expected a square M x M matrix (M models), got shape {a.shape}")
+    if not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1 + 1e-6:
+        raise ValueError(f"alpha: expected acceptance rates in [0, 1], got values in [{a.min()}, {a.max()}]")
+    return a
+
+
 def plan(alpha: np.ndarray, cost: CostFn, n_max: int = 8, top: int = 5) -> list[Plan]:
     """Ranked candidate hierarchies over models 0..M-1 sorted by cost (M-1 = target).
 
     DP over models (the best sub-hierarchy topped by each model), then the `top` best distinct
     chains re-ranked by their affine latency. Polynomial: O(M^2 n_max) for the DP.
+    ValueError for a non-square ``alpha``, values outside [0, 1], non-positive costs or bounds.
     """
+    alpha = _check_alpha(alpha)
+    for name, value in (("n_max", n_max), ("top", top)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     m = alpha.shape[0]
     target = m - 1
     decode = [cost(i, 1) for i in range(m)]
+    if not all(math.isfinite(c) and c > 0 for c in decode):
+        raise ValueError(f"cost: expected positive finite seconds per forward, got cost(i, 1) = {decode}")
     if any(b < a for a, b in itertools.pairwise(decode)):
         warnings.warn(
             f"models are not sorted by increasing decode cost ({[f'{c:.3g}' for c in decode]}); the "

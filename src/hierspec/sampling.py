@@ -71,10 +71,15 @@ def check_logits(logits: torch.Tensor) -> torch.Tensor:
     `amax` propagates NaN, so one cheap reduction checks every entry."""
     row_max = logits.amax(dim=-1, keepdim=True)
     if not bool(torch.isfinite(row_max).all()):
-        raise ValueError(
-            "logits contain NaN or +inf values (or a row is entirely -inf); the model produced invalid scores"
-        )
+        raise invalid_logits_error()
     return row_max
+
+
+def invalid_logits_error() -> ValueError:
+    """The error for logits with NaN / +inf entries or an all -inf row (see `check_logits`)."""
+    return ValueError(
+        "logits contain NaN or +inf values (or a row is entirely -inf); the model produced invalid scores"
+    )
 
 
 def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -154,15 +159,44 @@ def categorical(
 def make_generators(
     seed: int | None, device: torch.device | str = "cpu"
 ) -> tuple[torch.Generator, torch.Generator]:
-    """Two independent RNG streams (drafting, verification) from one seed.
+    """Two independent RNG streams (drafting, verification) from one seed, on ``device``.
 
     Separate streams keep the draft's randomness independent of the verifier's, which the
-    losslessness proofs assume. `seed=None` draws a fresh seed from torch's default RNG.
+    losslessness proofs assume. `seed=None` draws a fresh seed from torch's default RNG. The
+    decode loop makes them on the target's device (``make_generators(seed, target.device)``), where
+    the rules draw their uniforms; a CPU stream's numbers do not depend on anything else, a CUDA
+    stream's differ from the CPU one for the same seed (same law, other samples).
     """
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
+    device = torch.device(device)
     g_draft = torch.Generator(device=device)
     g_draft.manual_seed(seed)
     g_verify = torch.Generator(device=device)
     g_verify.manual_seed((seed * 0x9E3779B97F4A7C15 + 1) % (2**63))
     return g_draft, g_verify
+
+
+def uniforms(
+    n: int,
+    generator: torch.Generator | None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``n`` uniforms in [0, 1) from ``generator``'s stream, drawn on the generator's device (a
+    CUDA stream cannot fill a CPU tensor and vice versa) and returned on ``device`` (default: the
+    generator's; the default generator's device is ``device`` or the CPU). Drafters use this so
+    that they run with a stream of any device."""
+    where = generator.device if generator is not None else torch.device(device or "cpu")
+    u = torch.rand(n, generator=generator, device=where, dtype=dtype)
+    return u if device is None else u.to(device)
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device, arg: str = "generator") -> None:
+    """ValueError unless ``generator`` is None or lives on ``device``'s type (CPU / CUDA / ...):
+    torch cannot draw a device's random numbers from another device's stream."""
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"{arg}: expected a torch.Generator on {device.type} (where the rows are), got one on "
+            f"{generator.device}; make it with hierspec.sampling.make_generators(seed, device)"
+        )

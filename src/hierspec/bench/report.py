@@ -29,16 +29,16 @@ All files are rendered in memory first and then written one by one through a tem
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import write_bytes_atomic
-from .harness import TIME_COMPONENTS
+from .config import TIME_COMPONENTS
+from .plots import make_plots, overall
+from .summary import summarize
 
 PLOTS = (
     "speedup_by_category.png",
@@ -54,197 +54,6 @@ def plots_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-# ------------------------------------------------------------------------------------ summary
-def _mean_sd(xs: Sequence[float]) -> tuple[float | None, float | None]:
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def _sum_lists(lists: list[list[int]]) -> list[int]:
-    out: list[int] = []
-    for lst in lists:
-        if len(out) < len(lst):
-            out.extend([0] * (len(lst) - len(out)))
-        for i, x in enumerate(lst):
-            out[i] += x
-    return out
-
-
-def _group_summary(rows: list[dict], ar: dict, cell: dict, category: str) -> dict:
-    tokens = sum(r["new_tokens"] for r in rows)
-    time_s = sum(r["time_s"] for r in rows)
-    s: dict = {
-        "category": category,
-        **{k: cell[k] for k in ("label", "method", "kind", "rule", "gamma", "temperature")},
-        "runs": len(rows),
-        "new_tokens": tokens,
-        "time_s": time_s,
-        "tokens_per_s": tokens / time_s if time_s > 0 else 0.0,
-        "tokens_per_s_mean": statistics.fmean(r["tokens_per_s"] for r in rows),
-    }
-    pairs = [(r, ar.get((r["prompt_id"], r["repeat"], r["temperature"]))) for r in rows]
-    pairs = [(r, a) for r, a in pairs if a is not None and a["time_s"] > 0 and a["new_tokens"] > 0]
-
-    def total_ratio(ps) -> float | None:
-        mt, ms = sum(r["new_tokens"] for r, _ in ps), sum(r["time_s"] for r, _ in ps)
-        at, as_ = sum(a["new_tokens"] for _, a in ps), sum(a["time_s"] for _, a in ps)
-        return (mt / ms) / (at / as_) if ps and ms > 0 and at > 0 else None
-
-    ratios = [r["tokens_per_s"] / a["tokens_per_s"] for r, a in pairs if a["tokens_per_s"] > 0]
-    s["speedup_total"] = total_ratio(pairs)
-    s["speedup_mean"], s["speedup_sd"] = _mean_sd(ratios)
-    reps = sorted({r["repeat"] for r, _ in pairs})
-    s["speedup_total_by_repeat"] = (
-        [total_ratio([(r, a) for r, a in pairs if r["repeat"] == k]) for k in reps] if len(reps) > 1 else None
-    )
-    s["paired_runs"] = len(pairs)
-    fw = [r.get("target_forwards") for r in rows]
-    s["target_forwards_per_token"] = sum(fw) / tokens if tokens and None not in fw else None
-    dfw = [r.get("draft_forwards") for r in rows]
-    s["draft_forwards_per_token"] = sum(dfw) / tokens if tokens and None not in dfw and rows else None
-    spec = [r for r in rows if "num_spec_steps" in r]
-    if cell["kind"] != "ar" and spec and len(spec) == len(rows):
-        steps = sum(r["num_spec_steps"] for r in rows)
-        drafted = sum(r["num_draft_tokens"] for r in rows)
-        acc = sum(r["num_accepted_draft_tokens"] for r in rows)
-        s["num_spec_steps"], s["num_draft_tokens"], s["num_accepted_draft_tokens"] = steps, drafted, acc
-        s["mean_acceptance_length"] = 1.0 + acc / steps if steps else 1.0
-        s["draft_acceptance_rate"] = acc / drafted if drafted else 0.0
-        dpp = _sum_lists([r["drafted_per_position"] for r in rows])
-        app = _sum_lists([r["accepted_per_position"] for r in rows])
-        app += [0] * (len(dpp) - len(app))
-        s["per_position_acceptance"] = [a / d if d else None for a, d in zip(app, dpp, strict=True)]
-        s["drafted_per_position"] = dpp
-        s["acceptance_histogram"] = _sum_lists([r["acceptance_histogram"] for r in rows])
-    else:
-        for k in ("mean_acceptance_length", "draft_acceptance_rate", "per_position_acceptance"):
-            s[k] = None
-    if all(r.get("times") for r in rows) and tokens:
-        s["time_ms_per_token"] = {c: 1e3 * sum(r["times"][c] for r in rows) / tokens for c in TIME_COMPONENTS}
-        s["time_fraction"] = {c: sum(r["times"][c] for r in rows) / time_s for c in TIME_COMPONENTS}
-    else:
-        s["time_ms_per_token"] = {"total": 1e3 * time_s / tokens} if tokens else None
-        s["time_fraction"] = None
-    ident = [r["identical_to_ar"] for r in rows if r.get("identical_to_ar") is not None]
-    s["identical_to_ar"] = sum(ident) / len(ident) if ident else None
-    s["identical_count"] = f"{sum(ident)}/{len(ident)}" if ident else None
-    law = [r for r in rows if "expected_accepted" in r]
-    if law:
-        exp = sum(r["expected_accepted"] for r in law)
-        var = sum(r["expected_accepted_var"] for r in law)
-        meas = sum(r["num_accepted_draft_tokens"] for r in law)
-        s["expected_accepted"] = exp
-        s["expected_accepted_sd"] = math.sqrt(var)
-        s["measured_accepted"] = meas
-        s["law_steps"] = sum(r["law_steps"] for r in law)
-        s["acceptance_z"] = (meas - exp) / math.sqrt(var) if var > 0 else None
-    ssd = [r["ssd"] for r in rows if r.get("ssd")]
-    if ssd and len(ssd) == len(rows):
-        s["ssd"] = _ssd_summary(ssd, tokens)
-    s["peak_rss_mb"] = max(r["rss_peak_mb"] for r in rows)
-    s["rss_peak_raise_mb"] = sum(r["rss_peak_raise_mb"] for r in rows)
-    return s
-
-
-def _ssd_summary(ssd: list[dict], tokens: int) -> dict:
-    """SSD statistics pooled over runs (ratios of sums) and the cost model on the pooled values."""
-    from ..ssd.cost import predict
-
-    def tot(k: str) -> float:
-        return sum(x[k] for x in ssd)
-
-    def ratio(a: float, b: float) -> float | None:
-        return a / b if b else None
-
-    hits, misses = tot("num_hits"), tot("num_misses")
-    e_hit = ratio(tot("tokens_on_hit"), tot("rounds_on_hit"))
-    e_miss = ratio(tot("tokens_on_miss"), tot("rounds_on_miss"))
-    t_v = ratio(tot("time_verify_rounds"), tot("num_rounds"))
-    t_p = ratio(tot("time_speculate"), tot("num_builds")) or 0.0
-    t_b = ratio(tot("time_fallback"), tot("num_fallback_jit") + tot("num_fallback_fast")) or 0.0
-    pred = None
-    if t_v and (e_hit or e_miss):
-        pred = predict(hits / max(1, hits + misses), e_hit or e_miss, e_miss or e_hit, t_p, t_b, t_v)
-    return {
-        "hit_rate": ratio(hits, tot("num_predicted_rounds")),
-        "num_hits": int(hits),
-        "num_predicted_rounds": int(tot("num_predicted_rounds")),
-        "e_hit": e_hit,
-        "e_miss": e_miss,
-        "t_v_ms": 1e3 * t_v if t_v is not None else None,
-        "t_p_ms": 1e3 * t_p,
-        "t_b_ms": 1e3 * t_b,
-        "t_p_over_t_v": t_p / t_v if t_v else None,
-        "wait_ms_per_token": 1e3 * tot("time_wait") / tokens if tokens else None,
-        "fallback_jit": int(tot("num_fallback_jit")),
-        "fallback_fast": int(tot("num_fallback_fast")),
-        "fault_events": sum(len(x["fallback_events"]) for x in ssd),
-        "predicted_speedup_vs_ar": pred.speedup_vs_ar if pred else None,
-        "predicted_tokens_per_s": pred.tokens_per_second if pred else None,
-        "options": ssd[0]["options"],
-    }
-
-
-def _paired_ratio(rows: list[dict], ref: dict) -> tuple[float | None, int]:
-    """(tok/s of ``rows`` over tok/s of their partners in ``ref`` (same prompt and repeat), as a
-    ratio of totals, number of pairs)."""
-    pairs = [(r, ref.get((r["prompt_id"], r["repeat"]))) for r in rows]
-    pairs = [(r, a) for r, a in pairs if a is not None and a["time_s"] > 0 and a["new_tokens"] > 0]
-    mt, ms = sum(r["new_tokens"] for r, _ in pairs), sum(r["time_s"] for r, _ in pairs)
-    at, as_ = sum(a["new_tokens"] for _, a in pairs), sum(a["time_s"] for _, a in pairs)
-    return ((mt / ms) / (at / as_) if pairs and ms > 0 and at > 0 else None), len(pairs)
-
-
-def summarize(results: dict) -> list[dict]:
-    """One summary per (category, cell) plus category "all"; cells in matrix order."""
-    rows = results["rows"]
-    ar = {(r["prompt_id"], r["repeat"], r["temperature"]): r for r in rows if r["kind"] == "ar"}
-    cats = list(dict.fromkeys(r["category"] for r in rows))
-    cells = results["cells"]
-    out = []
-
-    def group(cell: dict, cat: str) -> list[dict]:
-        return [
-            r
-            for r in rows
-            if r["label"] == cell["label"]
-            and r["temperature"] == cell["temperature"]
-            and (cat == "all" or r["category"] == cat)
-        ]
-
-    for cat in [*cats, "all"] if len(cats) > 1 else cats:
-        for cell in cells:
-            grp = group(cell, cat)
-            if not grp:
-                continue
-            s = _group_summary(grp, ar, cell, cat)
-            if cell["kind"] == "ssd":
-                # synchronous speculative decoding with the same draft, γ, rule and temperature
-                sd = next(
-                    (
-                        c
-                        for c in cells
-                        if c["kind"] == "draft"
-                        and c.get("draft") == cell.get("draft")
-                        and all(c[k] == cell[k] for k in ("temperature", "gamma", "rule"))
-                    ),
-                    None,
-                )
-                ref = {(r["prompt_id"], r["repeat"]): r for r in group(sd, cat)} if sd else {}
-                s["sd_label"] = sd["label"] if sd else None
-                s["speedup_vs_sd"], s["sd_paired_runs"] = _paired_ratio(grp, ref)
-            out.append(s)
-    return out
-
-
-def overall(summary: list[dict]) -> list[dict]:
-    """The summaries over all categories ("all", or the only category)."""
-    cats = {s["category"] for s in summary}
-    want = "all" if "all" in cats else next(iter(cats), None)
-    return [s for s in summary if s["category"] == want]
 
 
 # ------------------------------------------------------------------------------------ markdown
@@ -404,10 +213,54 @@ def _ssd_section(results: dict, ov: list[dict]) -> list[str]:
     ]
 
 
+def _adaptive_section(results: dict, summ: list[dict]) -> list[str]:
+    """Chosen draft lengths of adaptive (γ auto) rows per prompt set, the oracle bound from the
+    target's cost curve, and Spec-Bench's speed-up convention beside ours."""
+    rows = [s for s in summ if s.get("k_hist")]
+    oracle = results.get("oracle")
+    if not rows and not oracle:
+        return []
+    out = ["## Adaptive draft length", ""]
+    if oracle:
+        curve = zip(oracle["sizes"], oracle["seconds"], strict=True)
+        out += [
+            "Target cost curve on this host (ms per forward of T tokens): "
+            + ", ".join(f"T={n}: {1e3 * c:.1f}" for n, c in curve),
+            f"Oracle bound (every drafted token accepted, best k): **{oracle['speedup']:.2f}x** at k = "
+            f"{oracle['k']} (= (k + 1) c(1) / c(k + 1)).",
+            "",
+        ]
+    if rows:
+        out.append(
+            _table(
+                ["method", "set", "T", "speed-up (totals)", "Spec-Bench speed-up", "chosen k: count"],
+                [
+                    [
+                        s["label"],
+                        s["category"],
+                        _temp(s["temperature"]),
+                        _f(s["speedup_total"]),
+                        _f(s.get("speedup_specbench")),
+                        ", ".join(f"{k}: {n}" for k, n in s["k_hist"].items()),
+                    ]
+                    for s in rows
+                ],
+            )
+        )
+        out.append("")
+    return out
+
+
 def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
     cfg, m, t = results["config"], results.get("machine", {}), results["timing"]
     summ = results["summary"]
     out = [f"# hierspec benchmark: {results['target']}", ""]
+    if results.get("interrupted"):
+        out += [
+            f"**Interrupted** (Ctrl-C): only the {len(results['rows'])} runs that finished are "
+            "reported; cells and prompts after the interruption are missing.",
+            "",
+        ]
     out += [
         "## Machine",
         "",
@@ -425,7 +278,7 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         f"- prompt sets: {', '.join(cfg['sets'])}; {cfg['n']} per set (per category for Spec-Bench), "
         f"offset {cfg['offset']}; {results['num_prompts']} prompts used",
         f"- methods: {', '.join(cfg['methods'])}; rules at T > 0: {', '.join(cfg['rules'])}; "
-        f"γ: {', '.join(map(str, cfg['gammas']))}; temperatures: "
+        f"γ: {', '.join(str(g or 'auto') for g in cfg['gammas'])}; temperatures: "
         f"{', '.join(_temp(x) for x in cfg['temperatures'])}; top-p {cfg['top_p']:g}, top-k off",
         f"- {cfg['max_new_tokens']} new tokens max (stop at EOS), {cfg['repeats']} repeat(s), "
         f"{cfg['warmup']} warm-up run(s) per cell; base seed {cfg['seed']} (seed per prompt and "
@@ -525,6 +378,7 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
             "differences form a martingale, so |z| ≲ 2 is expected from a correct rule.",
             "",
         ]
+    out += _adaptive_section(results, summ)
     pp = [s for s in ov if s.get("per_position_acceptance")]
     if pp:
         width = max(len(s["per_position_acceptance"]) for s in pp)
@@ -577,165 +431,6 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
-# ------------------------------------------------------------------------------------ plots
-def _fig_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _title(t: float) -> str:
-    return "T = 0 (greedy)" if t == 0 else f"T = {t:g}"
-
-
-def _colors(n: int) -> list:
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(max(n, 1))]
-
-
-def _method_short(s: dict) -> str:
-    """The label without its gamma part: "ngram", "ngram/block", "draft:NAME/token"."""
-    return "/".join(p for p in s["label"].split("/") if not p.startswith("γ"))
-
-
-def _legend_below(ax, n: int) -> None:
-    ax.legend(
-        fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if n > 3 else 1, frameon=False
-    )
-
-
-def make_plots(results: dict) -> dict[str, bytes]:
-    """PNG bytes by file name (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    summ = results["summary"]
-    temps = list(dict.fromkeys(c["temperature"] for c in results["cells"]))
-    out: dict[str, bytes] = {}
-
-    # 1. speed-up by category and method (bars: ratio of totals; dots: mean of per-prompt ratios)
-    cats = list(dict.fromkeys(s["category"] for s in summ))
-    width_in = max(5.5, 1.6 * len(cats) + 3)
-    fig, axes = plt.subplots(1, len(temps), figsize=(width_in * len(temps), 4.2), squeeze=False, sharey=True)
-    for ax, t in zip(axes[0], temps, strict=True):
-        labels = [c["label"] for c in results["cells"] if c["temperature"] == t and c["kind"] != "ar"]
-        width = 0.8 / max(1, len(labels))
-        colors = _colors(len(labels))
-        for j, lab in enumerate(labels):
-            xs, ys, ms = [], [], []
-            for i, cat in enumerate(cats):
-                s = next(
-                    (s for s in summ if s["category"] == cat and s["label"] == lab and s["temperature"] == t),
-                    None,
-                )
-                if s and s["speedup_total"] is not None:
-                    xs.append(i - 0.4 + width * (j + 0.5))
-                    ys.append(s["speedup_total"])
-                    ms.append(s["speedup_mean"])
-            ax.bar(xs, ys, width * 0.92, label=lab, color=colors[j])
-            ax.plot(xs, ms, "k.", ms=5)
-        ax.axhline(1.0, color="grey", ls="--", lw=1)
-        ax.set_xticks(range(len(cats)), cats, rotation=20 if len(cats) > 4 else 0)
-        ax.set_title(_title(t))
-        ax.grid(axis="y", alpha=0.3)
-        if labels:
-            ax.legend(
-                fontsize=8,
-                loc="upper center",
-                bbox_to_anchor=(0.5, -0.12),
-                ncol=min(3, len(labels)),
-                frameon=False,
-            )
-    axes[0][0].set_ylabel("speed-up vs AR\n(bars: ratio of totals, dots: mean of per-prompt ratios)")
-    fig.suptitle(f"Speed-up over plain decoding (same run) — {results['target']}")
-    out["speedup_by_category.png"] = _fig_bytes(fig)
-
-    ov = overall(summ)
-    spec = [s for s in ov if s.get("mean_acceptance_length") is not None]
-
-    # 2. mean acceptance length vs gamma, one line per (method, rule)
-    fig, axes = plt.subplots(1, len(temps), figsize=(4.8 * len(temps), 4.0), squeeze=False, sharey=True)
-    for ax, t in zip(axes[0], temps, strict=True):
-        series: dict[str, list[tuple[int, float]]] = {}
-        for s in spec:
-            if s["temperature"] == t:
-                series.setdefault(_method_short(s), []).append((s["gamma"], s["mean_acceptance_length"]))
-        colors = _colors(len(series))
-        for j, (key, pts) in enumerate(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=key, color=colors[j])
-        gammas = sorted({g for pts in series.values() for g, _ in pts})
-        if gammas:
-            ax.set_xticks(gammas)
-            ax.set_xlim(min(gammas) - 0.5, max(gammas) + 0.5)
-        ax.set_xlabel("γ (draft tokens per step)")
-        ax.set_title(_title(t))
-        ax.grid(alpha=0.3)
-        if series:
-            _legend_below(ax, len(series))
-    axes[0][0].set_ylabel("mean acceptance length τ")
-    fig.suptitle("Mean acceptance length vs γ per rule (hierspec methods, all categories)")
-    out["acceptance_vs_gamma.png"] = _fig_bytes(fig)
-
-    # 3. per-position acceptance
-    fig, axes = plt.subplots(1, len(temps), figsize=(4.8 * len(temps), 4.0), squeeze=False, sharey=True)
-    for ax, t in zip(axes[0], temps, strict=True):
-        lines = [s for s in spec if s["temperature"] == t and s.get("per_position_acceptance")]
-        colors = _colors(len(lines))
-        for j, s in enumerate(lines):
-            pp = s["per_position_acceptance"]
-            xs = [i + 1 for i, v in enumerate(pp) if v is not None]
-            ys = [v for v in pp if v is not None]
-            ax.plot(xs, ys, "o-", label=s["label"], color=colors[j], alpha=0.85)
-        ax.set_xlabel("draft position")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(_title(t))
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        if lines:
-            _legend_below(ax, len(lines))
-    axes[0][0].set_ylabel("P(accepted | drafted at position)")
-    fig.suptitle("Per-position acceptance (hierspec methods, all categories)")
-    out["per_position_acceptance.png"] = _fig_bytes(fig)
-
-    # 4. stacked time breakdown per method, ms per generated token
-    bars = [s for s in ov if s.get("time_ms_per_token")]
-    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(bars) + 1.4))
-    names = [f"{s['label']}  (T={s['temperature']:g})" for s in bars]
-    ys = list(range(len(bars)))[::-1]
-    comp_colors = dict(zip(TIME_COMPONENTS, _colors(len(TIME_COMPONENTS)), strict=True))
-    used: set[str] = set()
-    for y, s in zip(ys, bars, strict=True):
-        tm = s["time_ms_per_token"]
-        if "total" in tm:
-            label = None if "hf" in used else "HF generate (not split)"
-            ax.barh(y, tm["total"], color="lightgrey", hatch="//", edgecolor="grey", label=label)
-            used.add("hf")
-            continue
-        left = 0.0
-        for c in TIME_COMPONENTS:
-            label = None if c in used else c.replace("_", " ")
-            ax.barh(y, tm[c], left=left, color=comp_colors[c], label=label)
-            used.add(c)
-            left += tm[c]
-    ax.set_yticks(ys, names, fontsize=8)
-    ax.set_ylim(-0.6, len(bars) - 0.4)
-    ax.set_xlabel("ms per generated token")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_title("Time breakdown per method (all categories)")
-    out["time_breakdown.png"] = _fig_bytes(fig)
-    return out
-
-
-# ------------------------------------------------------------------------------------ files
 def write_report(results: dict, out: str | os.PathLike[str]) -> list[Path]:
     """Summarise ``results`` (adds ``results["summary"]``) and write report.md, results.json and
     the PNG plots into ``out`` (created if needed). Returns the paths written."""

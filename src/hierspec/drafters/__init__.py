@@ -3,5 +3,6 @@
 from .base import Draft, Drafter
 from .model import ModelDrafter
 from .ngram import NgramDrafter
+from .suffix import SuffixDrafter
 
-__all__ = ["Draft", "Drafter", "ModelDrafter", "NgramDrafter"]
+__all__ = ["Draft", "Drafter", "ModelDrafter", "NgramDrafter", "SuffixDrafter"]

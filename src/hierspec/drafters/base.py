@@ -24,10 +24,16 @@ from ..sampling import SamplingParams
 
 @dataclass
 class Draft:
-    """Proposed tokens [B, k] and their proposal rows [B, k, V] (None = deterministic)."""
+    """Proposed tokens [B, k] and their proposal rows [B, k, V] (None = deterministic).
+
+    ``confidence`` [k] (optional, float in [0, 1]): the drafter's own raw, uncalibrated estimate
+    that position i is accepted given positions < i were (q of the drafted token for a draft
+    model, a function of the match length for lookup drafters). Read by `hierspec.policy`; it
+    never affects what the verifier emits."""
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -98,6 +104,19 @@ class TreeDrafter(Protocol):
     def propose_tree(self, context: torch.Tensor, spec: TreeSpec, params: SamplingParams) -> DraftTree: ...
 
     def reset(self) -> None: ...
+
+
+@runtime_checkable
+class FeatureDrafter(Protocol):
+    """A drafter that reads the target's features (EAGLE): the decode loop asks the target for its
+    last hidden states (``output_hidden=True``) and reports those of every committed position,
+    in order, through ``observe_target`` -- the prefill (positions 0..L-2) and, after each
+    verification, the root and the accepted tokens. ``hidden`` lives on the target's device."""
+
+    def observe_target(self, start: int, hidden: torch.Tensor) -> None:
+        """Record the target's features ``hidden`` [T, H] of positions start..start+T-1 (any
+        later ones are stale and dropped)."""
+        ...
 
 
 def check_context(context: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """EAGLE drafter: chains and dynamic trees from an `EagleHead` fed with the target's features.
 
-Feature contract with the engine (``wants_target_hidden``): every target forward over committed
-positions reports its last hidden states through ``observe_target(start, hidden)``: the prefill
+Feature contract with the engine (a `hierspec.drafters.base.FeatureDrafter`): every target
+forward over committed positions reports its last hidden states through
+``observe_target(start, hidden)``: the prefill
 gives f_0..f_{L-2}, each verification the features of the root and the accepted tokens. So at
 every `propose` the drafter holds f_0..f_{L-2} for a context of length L (the target's cache
 positions) and nothing is recomputed.
@@ -17,6 +18,11 @@ tokens equal to the context (``_true``, ``_fed``); draft pairs beyond them are d
             ``budget`` most probable nodes (an ancestor is at least as probable as its child, so
             they form a tree). Children are chosen deterministically, so the proposal of every
             node is one-hot and `hierspec.verify.tree` verifies it exactly in deterministic mode.
+
+Device: features, head cache, drafted tokens and rows stay on the head's device (the target's);
+a chain draws its uniforms from the draft stream (`hierspec.sampling.uniforms`); at temperature 0
+it never syncs with the host per drafted token (at T > 0 `process_logits` checks each row for
+NaN). The tree search reads scores on the host at every depth.
 """
 
 from __future__ import annotations
@@ -26,14 +32,13 @@ import math
 import torch
 
 from ..models.eagle import EagleHead
-from ..sampling import SamplingParams, categorical, process_logits
+from ..sampling import SamplingParams, categorical, process_logits, uniforms
 from .base import Draft, DraftTree, TreeSpec, check_context, draft_room
 
 
 class EagleDrafter:
-    """Proposes chains (`propose`) and trees (`propose_tree`) from an `EagleHead` (batch 1)."""
-
-    wants_target_hidden = True
+    """Proposes chains (`propose`) and trees (`propose_tree`) from an `EagleHead` (batch 1); a
+    `FeatureDrafter` and a `TreeDrafter`."""
 
     def __init__(self, head: EagleHead) -> None:
         self.head = head
@@ -42,7 +47,8 @@ class EagleDrafter:
 
     def reset(self) -> None:
         self.head.reset()
-        self._feats = torch.zeros(0, self.head.config.hidden_size, dtype=self.head.dtype)
+        h = self.head.config.hidden_size
+        self._feats = torch.zeros(0, h, dtype=self.head.dtype, device=self.head.device)
         self._nfeat = 0
         self._fed = torch.zeros(0, dtype=torch.long)  # x_{t+1} of the true pairs in the cache
         self._last: torch.Tensor | None = None  # f^ output of the last true pair
@@ -55,12 +61,10 @@ class EagleDrafter:
             raise ValueError(f"observe_target: features of positions {self._nfeat}..{start - 1} are missing")
         end = start + t
         if end > self._feats.shape[0]:
-            grow = torch.zeros(
-                max(end, 2 * self._feats.shape[0], 256), self._feats.shape[1], dtype=self.head.dtype
-            )
+            grow = self._feats.new_zeros(max(end, 2 * self._feats.shape[0], 256), self._feats.shape[1])
             grow[: self._nfeat] = self._feats[: self._nfeat]
             self._feats = grow
-        self._feats[start:end] = hidden.detach().to("cpu", self.head.dtype)
+        self._feats[start:end] = hidden.detach().to(self._feats.device, self.head.dtype)
         self._nfeat = end
         keep = min(self.head.cache_length, start)  # pairs t >= start used other features
         if keep < self.head.cache_length:
@@ -117,24 +121,25 @@ class EagleDrafter:
         if f is None:
             return Draft.empty(1, context.device)
         base = self.head.cache_length
-        u = None if params.greedy else torch.rand(num_tokens, generator=generator, dtype=torch.float64)
-        tokens: list[int] = []
+        dev = self.head.device
+        u = None if params.greedy else uniforms(num_tokens, generator, dev)
+        positions = torch.arange(base, base + num_tokens, device=dev)
+        tokens: list[torch.Tensor] = []  # 0-dim, on the head's device: no host sync per token
         rows: list[torch.Tensor] = []
         for j in range(num_tokens):
             logits = self.head.logits(f[None])
             if params.greedy:
-                x = int(logits[0].argmax())
+                x = logits[0].argmax()
             else:
                 q = process_logits(logits, params)[0]
-                x = int(categorical(q[None], u[j : j + 1])[0])
+                x = categorical(q[None], u[j : j + 1])[0]
                 rows.append(q)
             tokens.append(x)
             if j + 1 < num_tokens:
-                pos = torch.tensor([base + j])
-                f = self.head.step(f[None, None], torch.tensor([[x]]), pos)[0, -1]
+                f = self.head.step(f[None, None], x.view(1, 1), positions[j : j + 1])[0, -1]
         self.head.crop(base)  # keep only true pairs: the next context decides what was accepted
-        out = torch.tensor([tokens], dtype=torch.long, device=context.device)
-        return Draft(out, torch.stack(rows)[None].to(context.device) if rows else None)
+        out = torch.stack(tokens)[None]  # [1, k]
+        return Draft(out, torch.stack(rows)[None] if rows else None)
 
     # ------------------------------------------------------------------ tree
     @torch.no_grad()

@@ -13,6 +13,11 @@ positions that have a continuation), so a lookup costs O(max_ngram) per step ins
 the context; the index is extended with the newly committed tokens each step and rebuilt when
 the context is not an extension of the last one. Batch size 1 (rows of a batch would each need an
 index).
+
+Confidence (`Draft.confidence`, for `hierspec.policy`): every drafted position gets the raw feature
+n / (n + 1) of the matched n-gram size n (1 -> 0.5, 2 -> 0.67, 3 -> 0.75, ...): longer matches
+predict their continuation better. It is a bucket key for the policy's online calibration, not a
+probability.
 """
 
 from __future__ import annotations
@@ -76,5 +81,6 @@ class NgramDrafter:
                     if len(ctx) - 1 - end < num_tokens:
                         end = self._first[key]
                     cont = ctx[end + 1 : end + 1 + num_tokens]
-                    return Draft(torch.tensor([cont], dtype=torch.long, device=context.device))
+                    conf = torch.full((len(cont),), n / (n + 1), dtype=torch.float32)
+                    return Draft(torch.tensor([cont], dtype=torch.long, device=context.device), None, conf)
         return Draft.empty(1, context.device)

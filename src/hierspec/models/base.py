@@ -9,13 +9,23 @@ cache back to its first ``n`` positions. Invariant the engine relies on::
     after crop(n) with n <= cache_length:                cache_length == n, and the state equals a
                                                          fresh prefill of the first n tokens
 
-Room for what comes next (early exit, feature-level drafters, another process) is left by the
-optional ``output_hidden`` flag and by ``ForwardOutput.hidden``; early-exit models extend this
-protocol with layer ranges (see ``hierspec.models.early_exit`` once it exists).
+``output_hidden`` / ``ForwardOutput.hidden`` serve feature-level drafters (EAGLE reads the
+target's last hidden states, see `hierspec.drafters.base.FeatureDrafter`); early-exit drafts run
+layer ranges of the target (`hierspec.models.layered`, `hierspec.models.early_exit`).
+
+Optional capability (checked with ``isinstance``, never by attribute name in the decode loop):
+
+    TreeModel(LanguageModel)   forward_tree(ids, parents) + compact(start, keep): verifies a whole
+                               draft tree in one forward (tree attention; `hierspec.step.tree_step`).
+                               `tree_support(model)` says whether a model can, and if not why.
+
+Device: every tensor a model returns lives on ``model.device``; callers create the tensors they
+feed it (ids, masks) and the RNG streams of the rules that read its rows on that device too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -68,3 +78,48 @@ class LanguageModel(Protocol):
     def cost_per_forward(self, num_tokens: int) -> float | None:
         """Calibrated seconds per forward of ``num_tokens`` new tokens, or None if unknown."""
         ...
+
+
+@runtime_checkable
+class PrefillModel(LanguageModel, Protocol):
+    """A model that can append a prompt to its cache without computing its logits (llama.cpp
+    skips the output head: no [T, V] buffer for a prompt whose rows nobody reads)."""
+
+    def prefill(self, input_ids: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class TreeModel(LanguageModel, Protocol):
+    """A `LanguageModel` that verifies a draft tree in one forward (tree attention, see
+    `hierspec.models.treemask`). Invariant: after ``forward_tree(ids [1, N], parents)`` at
+    cache_length ``s`` the cache holds s + N entries (nodes in node order, node i at position
+    s + depth(i)); ``compact(s, [0] + path)`` keeps the root-to-node path, after which the state
+    equals a fresh prefill of the committed tokens.
+
+    A class that has these methods but cannot run them for some configurations sets
+    ``tree_attention`` (a bool attribute or property) to False; see `tree_support`.
+    """
+
+    def forward_tree(
+        self, input_ids: torch.Tensor, parents: torch.Tensor | Sequence[int], *, output_hidden: bool = False
+    ) -> ForwardOutput:
+        """Run the N tree nodes ``input_ids`` [1, N] (``parents`` [N]) and append them to the cache."""
+        ...
+
+    def compact(self, start: int, keep: Sequence[int] | torch.Tensor) -> None:
+        """Keep cache positions 0..start-1 followed by those at ``start + keep[j]``."""
+        ...
+
+
+def tree_support(model: object) -> str | None:
+    """None if ``model`` can verify draft trees, else a sentence saying why not (for errors)."""
+    name = type(model).__name__
+    if not isinstance(model, TreeModel):
+        return (
+            f"the target {name} cannot verify trees (no tree attention: it lacks forward_tree / compact); "
+            "use a torch model (HFModel, TinyGPT) as the target"
+        )
+    if not getattr(model, "tree_attention", True):
+        why = getattr(model, "tree_attention_reason", None)
+        return f"the target {name} cannot verify trees" + (f" ({why})" if why else "")
+    return None

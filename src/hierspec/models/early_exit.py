@@ -27,11 +27,10 @@ Head (`EarlyExitHead`): ``[adapter] -> RMSNorm -> LM head``.
     R = 8192 rows it costs ~1/6 of that, and it is trainable without touching the target.
 
 KV cache: the draft keeps its OWN config-less ``DynamicCache`` for layers < L (same discipline as
-``HFModel``: crop with ``cache.crop(-k)``). HiSpec hook: the target already computes these
-layers' keys/values during verification; a later HiSpec implementation can share them by
-replacing ``self.cache`` with the target's cache (see `EarlyExitDraft.share_cache`) and by calling
-`EarlyExitDraft.head_logits` on the target's layer-L hidden state
-(``output_hidden_states=True`` -> ``hidden_states[L]``) instead of re-running the layers.
+``HFModel``: crop with ``cache.crop(-k)``). Sharing those layers' keys/values and hidden states
+with the target (HiSpec) is done by `hierspec.models.layered` (`LayerStack` / `ExitView`, used by
+`hierspec.hispec`), which runs this module's `EarlyExitHead` on the buffered hidden states of
+the target's own layer ranges; `EarlyExitDraft` is the standalone draft (its own cache).
 
 File format: one safetensors file (see `hierspec.models.draft`), format ``hierspec.early_exit``,
 with the head's weights (fp16/bf16), ``vocab_map`` (reduced head), the config and the target's
@@ -391,7 +390,8 @@ class EarlyExitDraft:
         self._batch = None
 
     def share_cache(self, cache: DynamicCache, length: int) -> None:
-        """HiSpec hook (not used yet): adopt ``cache`` (e.g. the target's own DynamicCache, whose
+        """Cache-sharing hook (`hierspec.hispec` shares layers through `hierspec.models.layered`
+        instead and does not call it): adopt ``cache`` (e.g. the target's own DynamicCache, whose
         layers < L hold exactly these keys/values) as this draft's cache, holding ``length``
         positions. The caller then owns the consistency of the shared cache: this draft's
         forward appends to layers < L only, so the target must crop / re-fill its deeper layers

@@ -19,13 +19,29 @@ absolute positions. That costs memory O(sequence) on those layers but makes ``cr
 length. Models whose layers are not plain KV attention (linear attention / SSM hybrids, KV
 sharing) are not supported.
 
+Device: the model's device (``device=`` of `from_pretrained`, or wherever the module lives) is
+``self.device``; ids, positions and tree masks are created there and logits/hidden states are
+returned there.
+
+Compilation (``compile=``, OFF by default): the decode and verify forwards go through
+``torch.compile(model, dynamic=True)``. It is meant for CUDA, where a small model is bound by kernel
+launches; on the reference CPU ``torch.compile`` made a forward slower (61.5 ms vs 44.7 ms, see
+the models reference notes), so keep it off there. The first calls compile (minutes for inductor;
+a few graphs: prefill, T = 1, T > 1, tree masks) and later calls reuse them. CUDA graphs
+(``mode="reduce-overhead"``) are not used: they need fixed buffer addresses, i.e. a preallocated
+cache (transformers' ``StaticCache``), and transformers 5.23's ``StaticLayer`` has no ``crop``.
+Rolling it back would be an in-place ``cumulative_length.fill_(n)`` (stale slots >= n are hidden by
+the causal mask and overwritten by the next forward) and ``compact`` an in-place ``index_copy_``,
+but the tree masks would have to span ``max_cache_len`` and none of it can be measured without a
+GPU, so this adapter keeps the exact, croppable DynamicCache and compiles without CUDA graphs.
+
 transformers is imported lazily (inside functions), so ``import hierspec.models`` works without it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,16 +82,25 @@ class HFModel:
         max_length: cap on positions; defaults to ``config.max_position_embeddings`` (or
             ``n_positions``) and may not exceed it.
         check_ids: check every forward that ids lie in ``[0, vocab_size)`` (one host sync).
+        compile: False (default: eager), True (``torch.compile(model, dynamic=True)``), or a mapping
+            of ``torch.compile`` keyword arguments (e.g. ``{"mode": "max-autotune-no-cudagraphs"}``,
+            ``{"backend": "eager"}`` to check tracing only); see module docstring. For CUDA.
 
     Returned logits are float32 (float64 for a float64 model; fp16/bf16 logits are upcast) and are
     ordinary tensors, not inference tensors, so callers may modify them in place.
     """
 
     def __init__(
-        self, model: PreTrainedModel, *, max_length: int | None = None, check_ids: bool = True
+        self,
+        model: PreTrainedModel,
+        *,
+        max_length: int | None = None,
+        check_ids: bool = True,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         model.eval()
         self.model = model
+        self._model_fn = _compiled(model, compile)
         config = model.config.get_text_config(decoder=True)
         self.config = config
         out_emb = model.get_output_embeddings()
@@ -104,11 +129,14 @@ class HFModel:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
         max_length: int | None = None,
+        compile: bool | Mapping[str, Any] = False,
         **kw: Any,
     ) -> HFModel:
-        """Load ``AutoModelForCausalLM.from_pretrained(path_or_dir, gguf_file=..., dtype=...)``.
+        """Load ``AutoModelForCausalLM.from_pretrained(path_or_dir, gguf_file=..., dtype=...)`` and
+        move it to ``device``.
 
-        ``kw`` goes to transformers' ``from_pretrained`` (e.g. ``attn_implementation``).
+        ``kw`` goes to transformers' ``from_pretrained`` (e.g. ``attn_implementation``); ``compile``
+        to `HFModel`.
         """
         from transformers import AutoModelForCausalLM
 
@@ -117,7 +145,7 @@ class HFModel:
         model = AutoModelForCausalLM.from_pretrained(os.fspath(path_or_dir), dtype=dtype, **kw)
         if device is not None:
             model = model.to(device)
-        return cls(model, max_length=max_length)
+        return cls(model, max_length=max_length, compile=compile)
 
     # ------------------------------------------------------------------ protocol properties
     @property
@@ -155,7 +183,8 @@ class HFModel:
             raise ValueError(
                 f"forward of {new} tokens at cache_length {self._length} exceeds max_length {self.max_length}"
             )
-        if self.check_ids:
+        if self.check_ids and input_ids.device.type == "cpu":  # ids on an accelerator come from the
+            # library's own argmax / sampling over this vocabulary: checking them would sync per token
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
@@ -184,7 +213,7 @@ class HFModel:
         start, new = self._length, ids.shape[1]
         try:
             with torch.inference_mode():
-                out = self.model(
+                out = self._model_fn(
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=positions,
@@ -210,6 +239,26 @@ class HFModel:
     def _attn_implementation(self) -> str | None:
         impl = getattr(self.config, "_attn_implementation", None)
         return impl if impl is not None else getattr(self.model.config, "_attn_implementation", None)
+
+    @property
+    def tree_attention(self) -> bool:
+        """Whether `forward_tree` can run on this model (see `hierspec.models.base.TreeModel`)."""
+        return self.tree_attention_reason is None
+
+    @property
+    def tree_attention_reason(self) -> str | None:
+        """Why `forward_tree` cannot run on this model, or None if it can."""
+        impl = self._attn_implementation()
+        if impl not in ("sdpa", "eager"):
+            return (
+                f"its attention implementation {impl!r} takes no tree mask; load it with "
+                "attn_implementation='sdpa' or 'eager'"
+            )
+        window = getattr(self.config, "sliding_window", None)
+        for kind in set(getattr(self.config, "layer_types", None) or ()):
+            if kind != "full_attention" and not (kind == "sliding_attention" and isinstance(window, int)):
+                return f"it has {kind!r} layers, which take no tree mask"
+        return None
 
     def _tree_attention_mask(
         self, parents: torch.Tensor, past: int
@@ -342,3 +391,17 @@ class HFModel:
             f"HFModel({name}, vocab_size={self.vocab_size}, dtype={self.dtype}, "
             f"cache_length={self._length}/{self.max_length})"
         )
+
+
+def _compiled(model: PreTrainedModel, compile: bool | Mapping[str, Any]) -> Any:
+    """``model`` itself, or ``torch.compile(model, dynamic=True, **options)`` (see module docstring)."""
+    if compile is False or compile is None:
+        return model
+    if compile is True:
+        options: dict[str, Any] = {}
+    elif isinstance(compile, Mapping):
+        options = dict(compile)
+    else:
+        raise ValueError(f"compile: expected a bool or a mapping of torch.compile options, got {compile!r}")
+    options.setdefault("dynamic", True)
+    return torch.compile(model, **options)

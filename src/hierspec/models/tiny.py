@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hierspec.models.base import ForwardOutput
+from hierspec.models.branches import BranchState, prefix_mask
 from hierspec.models.treemask import check_compact, check_parents, tree_attention_mask, tree_depths
 
 
@@ -207,9 +208,10 @@ class TinyGPT(nn.Module):
             raise ValueError(
                 f"forward of {new} tokens at cache_length {self._length} exceeds max_length {self.max_length}"
             )
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
+        if input_ids.device.type == "cpu":  # device ids come from our own argmax / sampling (no sync)
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
         if batch != self.batch_size:
             if self._length > 0:
                 raise ValueError(
@@ -265,6 +267,43 @@ class TinyGPT(nn.Module):
         logits = self.lm_head(hidden) * self.config.logit_scale
         self._length = start + new
         return ForwardOutput(logits=logits, hidden=hidden if output_hidden else None)
+
+    # ------------------------------------------------------------------ branch decoding
+    def supports_branches(self) -> bool:
+        """`hierspec.models.branches.BranchDecoder`: needs a batch-1 cache."""
+        return self.batch_size == 1
+
+    def branch_state(self, branches: int, depth: int) -> BranchState:
+        c = self.config
+        return BranchState.zeros(self.lm_head.weight, c.n_layer, (branches, c.n_head, depth, c.head_dim))
+
+    @torch.no_grad()
+    def decode_branches(
+        self, ids: torch.Tensor, pos: torch.Tensor, prefix_len: torch.Tensor, state: BranchState, depth: int
+    ) -> torch.Tensor:
+        """One step of every branch (see `hierspec.models.branches`): logits [B, V]; the cache is
+        only read."""
+        if self.batch_size != 1:
+            raise ValueError(f"decode_branches needs a batch-1 cache, got batch {self.batch_size}")
+        b, p = ids.shape[0], self._length
+        x = (self.tok_emb(ids) + self.pos_emb(pos))[:, None, :]  # [B, 1, d]
+        mask = prefix_mask(p, prefix_len, depth)  # [B, 1, 1, P+depth+1]
+        for i, blk in enumerate(self.blocks):
+            dm = x.shape[-1]
+            q, k, v = blk.qkv(blk.ln1(x)).split(dm, dim=-1)
+            shape = (b, 1, blk.n_head, blk.head_dim)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [B, H, 1, hd]
+            state.k[i][:, :, depth] = k[:, :, 0]
+            state.v[i][:, :, depth] = v[:, :, 0]
+            prefix_k = self.k_cache[i][0, :, :p].expand(b, -1, -1, -1)  # [B, H_kv, P, hd]
+            prefix_v = self.v_cache[i][0, :, :p].expand(b, -1, -1, -1)
+            keys = torch.cat([prefix_k, state.k[i][:, :, : depth + 1]], 2)
+            values = torch.cat([prefix_v, state.v[i][:, :, : depth + 1]], 2)
+            scores = (q @ keys.transpose(-1, -2)) / math.sqrt(blk.head_dim)
+            att = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ values
+            x = x + blk.proj(att.transpose(1, 2).reshape(b, 1, dm))
+            x = x + blk.out(F.gelu(blk.fc(blk.ln2(x))))
+        return (self.lm_head(self.ln_f(x)) * self.config.logit_scale)[:, 0]
 
     # ------------------------------------------------------------------ rollback
     @torch.no_grad()

@@ -3,6 +3,7 @@ pre-drafts for the likely outcomes of the verification in flight, in its own pro
 
     generate_ssd(target, draft, prompt_ids, ...)   one generation (starts/stops the speculator)
     SSDSession(target, draft, ...)                 many generations with one speculator process
+    DraftSpec(path, dtype)                         the draft the speculator process loads
     Speculator                                     the draft side (cache, fork, Saguaro sampling)
     saguaro                                        fan-out allocation, fork, Saguaro sampling
     cost                                           the Theorem-7 cost model
@@ -11,12 +12,14 @@ pre-drafts for the likely outcomes of the verification in flight, in its own pro
 
 from . import cost, saguaro
 from .cost import predict, sd_speedup, ssd_over_sd_bounds, ssd_speedup
+from .draft_spec import DraftSpec, build_draft_model
 from .options import SSDOptions
-from .session import SSDSession, build_draft_model, generate_ssd
+from .session import SSDSession, generate_ssd
 from .speculator import Proposal, Speculator
 from .stats import SSDStats
 
 __all__ = [
+    "DraftSpec",
     "Proposal",
     "SSDOptions",
     "SSDSession",

@@ -23,6 +23,7 @@ from ..drafters import ModelDrafter
 from ..engine import generate
 from ..models import make_tiny_pair
 from ..sampling import SamplingParams
+from .draft_spec import DraftSpec
 from .session import SSDSession
 
 
@@ -113,11 +114,8 @@ def run_smollm(
     Same total hardware: AR and synchronous SD run first with ``threads`` torch threads (both
     cores); SSD runs the verifier on one core and the speculator on the other (one thread each).
     """
-    import functools
-
     from ..bench.prompts import load_prompt_set
     from ..models import load_draft, load_smollm2, shipped
-    from .cli import load_draft_spec
 
     path = str(shipped.draft_path(draft_name)) if draft_name in shipped.DRAFTS else draft_name
     target, tok = load_smollm2(torch.float32)
@@ -139,7 +137,7 @@ def run_smollm(
                     out = generate(slow, ids, drafter=drafter, gamma=gamma, seed=i, **kw)
                     res[name].append(out.stats.time_decode)
                     tokens[name] += out.stats.num_generated_tokens
-            spec = functools.partial(load_draft_spec, path, "float32")
+            spec = DraftSpec(path, torch.float32)
             stats = []
             with SSDSession(target, spec, mode="process") as proc:
                 proc.generate(prompts[0], gamma=gamma, budget=budget, max_new_tokens=8, params=kw["params"])

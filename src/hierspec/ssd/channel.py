@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .draft_spec import build_draft_model
 from .options import VECTOR_LEN, SSDOptions
 from .speculator import SOURCES, STATUSES, Proposal, Speculator
 
@@ -238,8 +239,6 @@ def speculator_main(conn: Any, port: int, draft_spec: Any, backend: str, cpu: in
     Startup errors are reported through `conn` as ("error", message); afterwards any transport
     error (the verifier is gone) ends the process quietly, so it never outlives its verifier.
     """
-    from .session import build_draft_model
-
     _pin(cpu)
     try:
         model = build_draft_model(draft_spec)

@@ -13,7 +13,6 @@ generation with the speculator in its own process (the draft is re-created there
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import torch
 
 from ..engine import GenerationResult
 from ..sampling import SamplingParams
+from .draft_spec import DraftSpec
 from .options import FALLBACKS, FAST_BACKUPS
 from .saguaro import FANOUTS, check_budget, check_saguaro_c
 from .stats import SSDStats
@@ -86,16 +86,13 @@ def check_ssd_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--emulate-verify-ms: expected a number >= 0, got {em}")
     if not math.isfinite(args.ssd_reply_timeout) or args.ssd_reply_timeout <= 0:
         raise ValueError(f"--ssd-reply-timeout: expected seconds > 0, got {args.ssd_reply_timeout}")
-    if getattr(args, "stop", None):
-        raise ValueError("--stop: stop strings are not supported with --method ssd (use EOS)")
 
 
 def load_draft_spec(spec: str, dtype: str = "float32") -> Any:
-    """The draft model at `spec` (hierspec .safetensors draft, .gguf, or transformers directory);
-    module-level so that ``functools.partial(load_draft_spec, ...)`` pickles to the speculator."""
-    from ..models.loading import load_draft_model
-
-    return load_draft_model(spec, _DTYPES[dtype])
+    """The draft model at `spec` (hierspec .safetensors draft, .gguf, or transformers directory),
+    loaded with `hierspec.models.loading.load_draft_model`. Prefer passing
+    ``DraftSpec(spec, dtype)`` (`hierspec.ssd.draft_spec`) as the SSD draft spec."""
+    return DraftSpec(spec, _DTYPES[dtype]).load()
 
 
 def run_ssd(
@@ -111,7 +108,7 @@ def run_ssd(
     """One SSD generation for the CLI: verifier here, speculator in its own process."""
     from .session import SSDSession
 
-    spec = functools.partial(load_draft_spec, args.draft, getattr(args, "dtype", "float32"))
+    spec = DraftSpec(args.draft, _DTYPES[getattr(args, "dtype", "float32")])
     with SSDSession(target, spec, reply_timeout_s=args.ssd_reply_timeout) as session:
         return session.generate(
             ids,
@@ -126,6 +123,7 @@ def run_ssd(
             emulate_verify_ms=args.emulate_verify_ms,
             seed=args.seed,
             eos_token_id=eos_token_id,
+            stop_strings=getattr(args, "stop", None) or (),
             tokenizer=tokenizer,
             rule=getattr(args, "rule", "token"),
             on_tokens=on_tokens,

@@ -31,7 +31,8 @@ class SSDOptions:
     "jit" (the draft model drafts now) | "fast" (`fast_backup`: "ngram" prompt lookup padded with
     random tokens, or "random" tokens; verified as a one-hot proposal). max_new_tokens: the token
     budget of this generation (already capped by the target's context). force_miss (tests): never
-    use the cache. report_unmodified_q (negative control only, NOT exact): send q instead of q'.
+    use the cache. _report_unmodified_q: a test hook (the negative control), NOT exact: report q
+    instead of q' (set through `SSDSession._report_unmodified_q`, never by users).
     """
 
     gamma: int = 4
@@ -44,7 +45,7 @@ class SSDOptions:
     seed: int = 0
     max_new_tokens: int = 128
     force_miss: bool = False
-    report_unmodified_q: bool = False
+    _report_unmodified_q: bool = False
 
     def __post_init__(self) -> None:
         g = self.gamma
@@ -85,7 +86,7 @@ class SSDOptions:
             self.seed & (2**31 - 1),
             self.max_new_tokens,
             int(self.force_miss),
-            int(self.report_unmodified_q),
+            int(self._report_unmodified_q),
         ]
         return torch.tensor(v + [0.0] * (VECTOR_LEN - len(v)), dtype=torch.float64)
 
@@ -106,5 +107,5 @@ class SSDOptions:
             seed=(int(x[10]) << 31) | int(x[11]),
             max_new_tokens=int(x[12]),
             force_miss=bool(x[13]),
-            report_unmodified_q=bool(x[14]),
+            _report_unmodified_q=bool(x[14]),
         )

@@ -2,8 +2,9 @@
 `generate_ssd` (one generation).
 
 The verifier is the calling process (rank 0, holding the live target); the speculator is a
-spawned process (rank 1) that re-creates the draft from a picklable spec (a draft-file path, a
-factory callable, or a picklable model object). Per round the verifier
+spawned process (rank 1) that re-creates the draft from a picklable spec (`draft_spec.DraftSpec`
+(path, dtype) or a path, loaded with `hierspec.models.loading.load_draft_model`; a factory
+callable; or a picklable model object). Per round the verifier
 
     sends the outcome key (k, t) of the last round   -> the speculator answers at once with the
     next draft s_1..s_n and its rows q' (hit: from the speculation cache; miss: fallback)
@@ -14,7 +15,7 @@ while the speculator pre-speculates the draft after every likely outcome of s_1.
 is verified with `speculative_step` against the exact rows it was drawn from (q', or one-hot for
 fast backups), so the output is distributed exactly as the processed target, and is
 token-identical to greedy decoding at temperature 0 (the verifier's randomness is its own
-stream, `make_generators(seed)[1]`).
+stream, `make_generators(seed, target.device)[1]`).
 
 Faults: if the speculator process dies, closes its connection, or does not answer within
 `reply_timeout_s`, the verifier records the event in ``stats.fallback_events`` and finishes the
@@ -50,62 +51,18 @@ from ..drafters.base import Draft
 from ..drafters.model import ModelDrafter
 from ..engine import GenerationResult, check_generate_args
 from ..models.base import LanguageModel
+from ..output import Output
 from ..sampling import SamplingParams, make_generators
 from ..step import speculative_step
 from ..verify import get_rule
 from .channel import LocalChannel, ProcessChannel, SpeculatorFault, make_process_group, speculator_main
+from .draft_spec import build_draft_model, check_draft_spec, is_model
 from .options import SSDOptions
 from .speculator import Speculator
 from .stats import SSDStats
 
 MODES = ("process", "local")
 FAULT_FALLBACKS = ("sd", "ar")
-_MODEL_ATTRS = ("forward", "crop", "reset", "vocab_size", "max_length")
-
-
-def _is_model(obj: Any) -> bool:
-    return all(hasattr(obj, a) for a in _MODEL_ATTRS)
-
-
-def check_draft_spec(spec: Any) -> None:
-    """Cheap checks of a draft spec in the verifier, before any process starts."""
-    if isinstance(spec, (str, os.PathLike)):
-        if not os.path.exists(os.fspath(spec)):
-            raise ValueError(
-                f"draft: {os.fspath(spec)!r} does not exist (expected a draft file or directory)"
-            )
-    elif not (_is_model(spec) or callable(spec)):
-        raise ValueError(
-            "draft: expected a draft file path, a picklable callable returning a LanguageModel, or a "
-            f"picklable LanguageModel, got {type(spec).__name__}"
-        )
-
-
-def build_draft_model(spec: Any) -> LanguageModel:
-    """The draft `LanguageModel` from its spec (see `check_draft_spec`); runs in the speculator."""
-    check_draft_spec(spec)
-    if isinstance(spec, (str, os.PathLike)):
-        path = os.fspath(spec)
-        if path.endswith(".safetensors"):
-            from ..models.draft import load_draft
-
-            model = load_draft(path)
-        else:
-            from ..models import HFModel
-
-            if path.endswith(".gguf"):
-                model = HFModel.from_pretrained(
-                    os.path.dirname(path) or ".", gguf_file=os.path.basename(path)
-                )
-            else:
-                model = HFModel.from_pretrained(path)
-    elif _is_model(spec):
-        model = spec
-    else:
-        model = spec()
-    if not _is_model(model):
-        raise ValueError(f"draft: the spec produced a {type(model).__name__}, not a LanguageModel")
-    return model
 
 
 class FixedDrafter:
@@ -140,6 +97,11 @@ class SSDSession:
     (named), RuntimeError when the rendezvous port cannot be bound or the speculator cannot start.
     """
 
+    # Test hook, not an option: True makes the speculator report the unmodified draft rows q
+    # instead of the Saguaro rows q' its tokens were drawn from -- deliberately NOT exact (the
+    # negative control of tests/test_ssd.py sets it on a session).
+    _report_unmodified_q: bool = False
+
     def __init__(
         self,
         target: LanguageModel,
@@ -153,7 +115,7 @@ class SSDSession:
         reply_timeout_s: float = 60.0,
         fault_fallback: str = "sd",
     ) -> None:
-        if not _is_model(target):
+        if not is_model(target):
             raise ValueError(f"target: expected a LanguageModel, got {type(target).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -344,18 +306,20 @@ class SSDSession:
         emulate_verify_ms: float = 0.0,
         seed: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
         tokenizer: Any = None,
         rule: str = "token",
         on_tokens: Callable[[list[int]], None] | None = None,
         force_miss: bool = False,
-        report_unmodified_q: bool = False,
     ) -> GenerationResult:
         """One SSD generation (see module docstring and `SSDOptions` for the knobs).
 
         emulate_verify_ms: sleep this long after every verification (a large target's latency;
         the sleeping core is free, so the speculator truly overlaps). rule: verification rule at
         temperature > 0 ("token" makes the excluded-own-token fork exact; "block"/"hsd" stay
-        lossless). Returns `GenerationResult` with `SSDStats`.
+        lossless). eos_token_id / stop_strings (needs ``tokenizer``) / on_tokens: as in
+        `hierspec.engine.generate` (the same `hierspec.output.Output` bookkeeping). force_miss
+        (tests): never use the speculation cache. Returns `GenerationResult` with `SSDStats`.
         """
         if self._closed:
             raise RuntimeError("session: already closed")
@@ -382,10 +346,12 @@ class SSDSession:
             seed=seed,
             max_new_tokens=total,
             force_miss=force_miss,
-            report_unmodified_q=report_unmodified_q,
+            _report_unmodified_q=self._report_unmodified_q,
         )
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
-        g_local, g_verify = make_generators(seed)
+        output = Output(
+            eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer, on_tokens=on_tokens
+        )
+        g_local, g_verify = make_generators(seed, self.target.device)
         stats = SSDStats(prompt_tokens=prompt.shape[1], mode=self.mode)
         target = self.target
 
@@ -404,16 +370,16 @@ class SSDSession:
                 self.channel.start(prompt[0].tolist(), opts)
             except SpeculatorFault as err:
                 self._fault(stats, err, 0)
-        context, new, key, finish = prompt, [], None, "length"
-        while len(new) < total:
-            k_max = min(gamma, total - len(new) - 1)
+        context, key = prompt, None
+        while len(output.tokens) < total:
+            k_max = min(gamma, total - len(output.tokens) - 1)
             prop = None
             if not self.faulted:
                 tw = time.perf_counter()
                 try:
                     prop = self.channel.request(key)
                 except SpeculatorFault as err:
-                    self._fault(stats, err, len(new))
+                    self._fault(stats, err, len(output.tokens))
                 stats.time_wait += time.perf_counter() - tw
             if prop is not None:
                 probs = None if prop.probs is None else prop.probs[None, :k_max]
@@ -446,27 +412,19 @@ class SSDSession:
                 emitted=len(res.tokens),
                 t_verify=time.perf_counter() - tv,
             )
-            step = res.tokens
-            key = (res.accepted, step[-1])
-            for i, tok in enumerate(step):
-                if tok in eos:
-                    step, finish = step[: i + 1], "eos"
-                    break
-            new.extend(step)
+            key = (res.accepted, res.tokens[-1])
+            step = output.commit(res.tokens)  # EOS / stop-string cut, streaming (`hierspec.output`)
             context = torch.cat([context, torch.tensor([step], dtype=torch.long)], 1)
-            if on_tokens is not None:
-                on_tokens(step)
-            if finish != "length":
+            if output.done:
                 break
         if not self.faulted:
             try:
                 self.channel.end()
             except SpeculatorFault as err:
-                self._fault(stats, err, len(new))
+                self._fault(stats, err, len(output.tokens))
         stats.time_decode = time.perf_counter() - t_start
-        stats.num_generated_tokens = len(new)
-        text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
-        return GenerationResult(new, finish, stats, text, prompt[0].tolist())
+        stats.num_generated_tokens = len(output.tokens)
+        return GenerationResult(output.tokens, output.finish, stats, output.text(), prompt[0].tolist())
 
 
 def generate_ssd(
@@ -485,6 +443,7 @@ def generate_ssd(
     emulate_verify_ms: float = 0.0,
     seed: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
     tokenizer: Any = None,
     rule: str = "token",
     mode: str = "process",
@@ -511,6 +470,7 @@ def generate_ssd(
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long)
     check_generate_args(target, prompt[None] if prompt.dim() == 1 else prompt, None, gamma, max_new_tokens)
     get_rule("greedy" if params.greedy else rule)
+    Output(eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer)
     with SSDSession(
         target, draft, mode=mode, backend=backend, port=port, reply_timeout_s=reply_timeout_s
     ) as s:
@@ -527,6 +487,7 @@ def generate_ssd(
             emulate_verify_ms=emulate_verify_ms,
             seed=seed,
             eos_token_id=eos_token_id,
+            stop_strings=stop_strings,
             tokenizer=tokenizer,
             rule=rule,
             on_tokens=on_tokens,

@@ -14,9 +14,10 @@ R left before it is verified:
                           tree:  for every branch (k, t): sample n_b tokens after c s_1..s_k t
                                  from q' = Saguaro(q); cache[(k, t)] = (tokens, q' rows)
 
-The cache is rebuilt from scratch every round. For a `TinyGPT` or `DraftLM` draft the branches advance
-together: max n_b batched tree-decode steps with a per-branch prefix mask and scratch K/V
-(`tree.py`). Any other `LanguageModel` decodes them one after another on its own KV cache, in
+The cache is rebuilt from scratch every round. For a draft that implements
+`hierspec.models.branches.BranchDecoder` (`TinyGPT`, `DraftLM`) the branches advance together: max
+n_b batched steps of ``decode_branches`` with a per-branch prefix mask and scratch K/V. Any other
+`LanguageModel` decodes them one after another on its own KV cache, in
 decreasing k, each cropping back to its own prefix (the cache holds c s_1..s_k after the glue),
 so a branch costs n_b one-token forwards. Both paths consume the RNG in the same order and have
 the same law.
@@ -40,10 +41,10 @@ import torch
 
 from ..drafters.ngram import NgramDrafter
 from ..models.base import LanguageModel
-from ..sampling import categorical, make_generators, process_logits
+from ..models.branches import BranchDecoder
+from ..sampling import categorical, make_generators, process_logits, uniforms
 from .options import SSDOptions
 from .saguaro import FanoutEstimator, bonus_rank, fork_candidates, saguaro_reshape
-from .tree import TreeState, supports_tree, tree_forward
 
 STATUSES = ("hit", "miss", "cold", "empty")
 SOURCES = ("cache", "jit", "fast", "none")
@@ -71,6 +72,12 @@ class Proposal:
     t_fallback: float = 0.0
 
 
+def supports_tree(model: object) -> bool:
+    """Whether the speculator can decode its branches in one batch on ``model``: it implements
+    `BranchDecoder` and its cache holds one sequence."""
+    return isinstance(model, BranchDecoder) and model.supports_branches()
+
+
 def _lcp(a: list[int], b: list[int], n: int) -> int:
     i = 0
     while i < n and a[i] == b[i]:
@@ -84,7 +91,8 @@ class Speculator:
     def __init__(self, model: LanguageModel, tree: bool | None = None) -> None:
         if tree and not supports_tree(model):
             raise ValueError(
-                f"tree: batched tree decode needs a TinyGPT or DraftLM draft, got {type(model).__name__}"
+                "tree: batched tree decode needs a draft with decode_branches (a BranchDecoder such as "
+                f"DraftLM or TinyGPT) and a batch-1 cache, got {type(model).__name__}"
             )
         self.model = model
         self.tree = supports_tree(model) if tree is None else bool(tree)
@@ -111,7 +119,7 @@ class Speculator:
         self._reset_round_state()
         self.ctx = list(prompt)
         self.remaining = opts.max_new_tokens
-        self.generator = make_generators(opts.seed)[0]
+        self.generator = make_generators(opts.seed, self.model.device)[0]  # on the draft's device
         self.estimator = FanoutEstimator()
         self.ngram = NgramDrafter()
 
@@ -134,12 +142,12 @@ class Speculator:
 
     def _sample(self, ctx: list[int], n: int) -> tuple[list[int], torch.Tensor | None]:
         """n tokens after ctx from q' = Saguaro(q) (argmax at temperature 0); rows sent: q' (or q
-        under report_unmodified_q, the negative control), None at temperature 0."""
+        under the _report_unmodified_q test hook, the negative control), None at temperature 0."""
         o = self.opts
         params = o.params
         logits = self._forward_from(ctx, 1)[-1]
         fan = self.estimator.fanout(o.fanout, o.budget, n)
-        u = None if params.greedy else torch.rand(n, generator=self.generator, dtype=torch.float64)
+        u = None if params.greedy else uniforms(n, self.generator, self.model.device)
         tokens: list[int] = []
         rows: list[torch.Tensor] = []
         for j in range(n):
@@ -149,7 +157,7 @@ class Speculator:
                 q = process_logits(logits[None], params)[0]
                 qs = saguaro_reshape(q, fan[j] + 1, o.saguaro_c)
                 x = int(categorical(qs[None], u[j : j + 1])[0])
-                rows.append(q if o.report_unmodified_q else qs)
+                rows.append(q if o._report_unmodified_q else qs)
             tokens.append(x)
             if j + 1 < n:
                 ids = torch.tensor([[x]], dtype=torch.long, device=self.model.device)
@@ -163,7 +171,8 @@ class Speculator:
         if self.opts.fast_backup == "ngram":
             toks = self.ngram.propose(torch.tensor([self.ctx]), n).tokens[0].tolist()
         if len(toks) < n:
-            toks += torch.randint(0, self.vocab_size, (n - len(toks),), generator=self.generator).tolist()
+            g = self.generator
+            toks += torch.randint(0, self.vocab_size, (n - len(toks),), generator=g, device=g.device).tolist()
         return toks
 
     # ------------------------------------------------------------------ the round
@@ -233,25 +242,25 @@ class Speculator:
         self.t_build = time.perf_counter() - t0
 
     def _build_tree(self, branches: list[tuple[int, int, int]]) -> None:
-        """All branches at once (`tree.tree_forward`), max n_b batched steps. Consumes the RNG in
+        """All branches at once (the model's ``decode_branches``), max n_b batched steps. Consumes the RNG in
         the sequential path's order (each branch's n_b uniforms, branch by branch), so both paths
         draw the same tokens from the same rows up to float rounding."""
         o = self.opts
         params, big_l = o.params, len(self.ctx)
         fans = [self.estimator.fanout(o.fanout, o.budget, n_b) for _, _, n_b in branches]
         us = [
-            None if params.greedy else torch.rand(n_b, generator=self.generator, dtype=torch.float64)
+            None if params.greedy else uniforms(n_b, self.generator, self.model.device)
             for _, _, n_b in branches
         ]
         dev = self.model.device
         depth = max(n_b for _, _, n_b in branches)
-        state = TreeState.empty(self.model, len(branches), depth)
+        state = self.model.branch_state(len(branches), depth)
         ids = torch.tensor([t for _, t, _ in branches], dtype=torch.long, device=dev)
         start = torch.tensor([big_l + k for k, _, _ in branches], dtype=torch.long, device=dev)
         toks: list[list[int]] = [[] for _ in branches]
         rows: list[list[torch.Tensor]] = [[] for _ in branches]
         for d in range(depth):
-            logits = tree_forward(self.model, ids, start + d, start, state, d)
+            logits = self.model.decode_branches(ids, start + d, start, state, d)
             q_all = None if params.greedy else process_logits(logits, params)
             nxt = []
             for b, (_, _, n_b) in enumerate(branches):
@@ -263,7 +272,7 @@ class Speculator:
                 else:
                     qs = saguaro_reshape(q_all[b], fans[b][d] + 1, o.saguaro_c)
                     x = int(categorical(qs[None], us[b][d : d + 1])[0])
-                    rows[b].append(q_all[b] if o.report_unmodified_q else qs)
+                    rows[b].append(q_all[b] if o._report_unmodified_q else qs)
                 toks[b].append(x)
                 nxt.append(x)
             ids = torch.tensor(nxt, dtype=torch.long, device=dev)

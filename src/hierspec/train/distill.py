@@ -1,25 +1,12 @@
-"""Distillation of a draft from cached teacher top-k: loss, data order, training loop with exact
-resume, held-out evaluation, export.
+"""Distillation of a draft from cached teacher top-k: the data order and the training loop with
+exact resume, plus the export. The pieces live in small modules, all re-exported here:
 
-KD loss and the tail. The student's q lives on its reduced vocabulary S (R ids; S = everything
-for a full-vocabulary student). For every position the teacher cache gives the top-k
-probabilities p_1..p_k and, through the stored logsumexp, the exact mass outside them,
-``tail = 1 - sum_i p_i``. Both distributions are coarse-grained onto the same buckets:
-
-    one bucket per top-k token inside S          teacher p_i          student q_i
-    one REST bucket = every other token of S     teacher tail         student 1 - sum_i q_i
-    (top-k tokens outside S are dropped: q is 0 there by construction)
-
-and the teacher side is renormalised over the buckets. The loss is KL(teacher || student) over
-the buckets: exact on the top-k, and consistent on the rest (the student is asked to put
-exactly the teacher's tail mass on the tokens it does not see individually, without being told
-how to spread it). Renormalising is the right target for a reduced vocabulary: the student
-that minimises it is q = p restricted to S and renormalised, which maximises sum_v min(p, q)
-(= p(S)) among all q supported on S. The only approximation is that the tail is assumed to lie
-inside S (it is unknown how it splits); with S = the top 8k tokens and k = 64 the tail is a
-few percent and mostly inside S. With no REST rows (S inside the top-k) the tail is dropped.
-Optional hard labels: ``loss = (1 - ce_weight) * KL + ce_weight * CE(next token)`` (targets
-outside S are skipped).
+    loss.py        `kd_loss`: bucketed KL(teacher || student) on the cached top-k
+    student.py     `Student`, `DistilledLM`, `as_student`, draft initialisation from the target
+    config.py      `TrainConfig`
+    checkpoint.py  `TrainError`, `CheckpointError`, `save_checkpoint` / `load_checkpoint`
+    evaluate.py    `Evaluator`, `simulate_acceptance_length`
+    features.py    the EAGLE feature cache (`load_features`)
 
 Resume. A checkpoint (every ``ckpt_every`` steps and at the end) holds the trainable weights,
 AdamW state, LR-schedule state, RNG states, the data cursor (epoch, position) and the step; it is
@@ -32,30 +19,39 @@ machine).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import math
 import os
 import random
-import struct
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hierspec.files import write_bytes_atomic
 from hierspec.models.draft import DraftLM, TargetIdentity
 from hierspec.models.early_exit import EarlyExitDraft
+from hierspec.train.checkpoint import CheckpointError, TrainError, load_checkpoint, save_checkpoint
+from hierspec.train.config import TrainConfig
 from hierspec.train.data import DataError, list_shards, load_rows
-from hierspec.train.teacher import TargetPass, load_teacher, teacher_path
+from hierspec.train.evaluate import Evaluator, simulate_acceptance_length
+from hierspec.train.features import load_features
+from hierspec.train.loss import kd_loss
+from hierspec.train.student import (
+    DistilledLM,
+    Student,
+    as_student,
+    describe_student,
+    init_draft_from_target,
+    init_draft_from_target_layers,
+    student_vocab_map,
+    trainable_module,
+)
+from hierspec.train.teacher import load_teacher, teacher_path
 from hierspec.train.vocab import inverse_map
 
 __all__ = [
@@ -78,218 +74,6 @@ __all__ = [
     "train",
     "trainable_module",
 ]
-
-_MAGIC = b"HSCKPT01"
-_HEADER = struct.Struct("<8s32sQ")  # magic, sha256 of payload, payload length
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or continue (existing run, incompatible checkpoint, ...)."""
-
-
-class CheckpointError(TrainError):
-    """A checkpoint file is missing, truncated, corrupt, or not a hierspec checkpoint."""
-
-
-# ============================================================================ checkpoints
-def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Atomically write ``payload`` (torch-serialisable) framed with magic + length + sha256."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    data = buf.getvalue()
-    header = _HEADER.pack(_MAGIC, hashlib.sha256(data).digest(), len(data))
-    write_bytes_atomic(path, header + data)
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`; `CheckpointError` if it is not intact."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    raw = path.read_bytes()
-    if len(raw) < _HEADER.size or not raw.startswith(_MAGIC):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a hierspec training checkpoint (or is truncated)"
-        )
-    _, digest, length = _HEADER.unpack_from(raw)
-    data = raw[_HEADER.size :]
-    if len(data) != length:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated ({len(data)} of {length} payload bytes); "
-            "delete it to restart, or restore a copy"
-        )
-    if hashlib.sha256(data).digest() != digest:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt (sha256 mismatch); delete it or restore a copy"
-        )
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # pragma: no cover - the sha256 check catches damage first
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be decoded: {err}") from err
-
-
-# ============================================================================ students
-@runtime_checkable
-class Student(Protocol):
-    """What `train` trains. A student names its trainable module, describes itself (what a
-    checkpoint must match), says whether its batches need cached target features, and computes
-    its own loss on a batch (``row_of`` maps full-vocabulary ids to its reduced rows)."""
-
-    vocab_size: int
-    needs_features: bool
-
-    @property
-    def trainable(self) -> nn.Module: ...
-
-    @property
-    def vocab_map(self) -> torch.Tensor | None: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def train_loss(
-        self, batch: dict[str, torch.Tensor], row_of: torch.Tensor, cfg: TrainConfig
-    ) -> tuple[torch.Tensor, dict[str, float]]: ...
-
-
-class DistilledLM:
-    """A draft that outputs reduced logits (`DraftLM`, or `EarlyExitDraft` whose frozen target
-    layers feed a trained head) as a `Student`: loss = `kd_loss` on its ``train_logits``."""
-
-    needs_features = False
-
-    def __init__(self, model: DraftLM | EarlyExitDraft) -> None:
-        self.model = model
-        self.vocab_size = model.vocab_size
-
-    @property
-    def trainable(self) -> nn.Module:
-        return self.model if isinstance(self.model, DraftLM) else self.model.head
-
-    @property
-    def vocab_map(self) -> torch.Tensor | None:
-        return self.model.vocab_map
-
-    def describe(self) -> dict[str, Any]:
-        if isinstance(self.model, DraftLM):
-            return {"kind": "standalone", "config": self.model.config.to_dict()}
-        return {"kind": "early-exit", "config": self.model.head.config.to_dict()}
-
-    def train_loss(
-        self, batch: dict[str, torch.Tensor], row_of: torch.Tensor, cfg: TrainConfig
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        return kd_loss(self.model.train_logits(batch["ids"]), batch, row_of, ce_weight=cfg.ce_weight)
-
-
-def as_student(student: Any) -> Student:
-    """``student`` as a `Student`: drafts with reduced logits are wrapped in `DistilledLM`;
-    anything else must implement the protocol itself (e.g. `hierspec.train.eagle.EagleStudent`)."""
-    if isinstance(student, (DraftLM, EarlyExitDraft)):
-        return DistilledLM(student)
-    if isinstance(student, Student):
-        return student
-    raise TypeError(
-        f"cannot train a {type(student).__name__}: expected DraftLM, EarlyExitDraft or a Student "
-        "(trainable, vocab_map, vocab_size, needs_features, describe, train_loss)"
-    )
-
-
-def trainable_module(student: Any) -> nn.Module:
-    """The nn.Module whose parameters are trained (the whole draft, the early-exit head, ...)."""
-    return as_student(student).trainable
-
-
-def describe_student(student: Any) -> dict[str, Any]:
-    """{"kind": ..., "config": {...}, ...}: what a checkpoint of ``student`` must match."""
-    return as_student(student).describe()
-
-
-def _vocab_map(student: Any) -> torch.Tensor | None:
-    vm = as_student(student).vocab_map
-    return None if vm is None else vm.cpu()
-
-
-@torch.no_grad()
-def init_draft_from_target(draft: DraftLM, target: Any) -> None:
-    """Initialise the draft's (tied) embedding from the target's: the rows at ``vocab_map``
-    projected onto their top ``d_model`` principal directions (an SVD), UNK = their mean.
-
-    A cheap, strong start: the draft begins as a low-rank copy of the target's token geometry.
-    """
-    from hierspec.models.hf import HFModel
-
-    hf = target.model if isinstance(target, HFModel) else target
-    emb = hf.get_input_embeddings().weight.detach().float().cpu()[draft.vocab_map.cpu()]
-    d = draft.config.d_model
-    if emb.shape[1] >= d:
-        _, _, vh = torch.linalg.svd(emb, full_matrices=False)
-        proj = emb @ vh[:d].T
-    else:
-        proj = torch.zeros(emb.shape[0], d)
-        proj[:, : emb.shape[1]] = emb
-    w = draft.embed.weight
-    w[: proj.shape[0]] = proj.to(w)
-    w[proj.shape[0]] = proj.mean(0).to(w)
-    if draft.lm_head is not None:
-        draft.lm_head.weight.copy_(proj.to(draft.lm_head.weight))
-
-
-@torch.no_grad()
-def init_draft_from_target_layers(draft: DraftLM, target: Any, layers: list[int]) -> None:
-    """Initialise a draft of the target's width as a copy of some of its layers (layer-dropping
-    self-distillation): the embedding rows at ``vocab_map`` (UNK = their mean), the decoder
-    layers ``layers`` (in order) and the final norm. With the target's tied head the draft's
-    tied head is then exactly the target's LM-head rows at ``vocab_map``, so before training the
-    draft computes the target's own forward with every other layer skipped (all layers given:
-    the target's logits restricted to the reduced vocabulary).
-
-    The draft's config must match the target's layer shapes (d_model, heads, KV heads, d_ff,
-    rope_theta); a Llama-layout transformers target is expected.
-    """
-    from hierspec.models.hf import HFModel
-
-    hf = target.model if isinstance(target, HFModel) else target
-    tc = hf.config.get_text_config(decoder=True)
-    c = draft.config
-    want = (
-        int(tc.hidden_size),
-        int(tc.num_attention_heads),
-        int(tc.num_key_value_heads),
-        int(tc.intermediate_size),
-    )
-    have = (c.d_model, c.n_head, c.kv_heads, c.ff_dim)
-    if want != have:
-        raise TrainError(
-            f"copying target layers needs the draft's (d_model, heads, kv_heads, d_ff) = the target's "
-            f"{want}, got {have}"
-        )
-    if len(layers) != c.n_layer or any(not 0 <= i < tc.num_hidden_layers for i in layers):
-        raise TrainError(
-            f"give {c.n_layer} target layer indices in 0..{tc.num_hidden_layers - 1}, got {layers}"
-        )
-    emb = hf.get_input_embeddings().weight.detach().float().cpu()[draft.vocab_map.cpu()]
-    w = draft.embed.weight
-    w[: emb.shape[0]] = emb.to(w)
-    w[emb.shape[0]] = emb.mean(0).to(w)
-    if draft.lm_head is not None:
-        head = hf.get_output_embeddings().weight.detach().float().cpu()[draft.vocab_map.cpu()]
-        draft.lm_head.weight.copy_(head.to(draft.lm_head.weight))
-    names = {
-        "attn_norm": "input_layernorm",
-        "mlp_norm": "post_attention_layernorm",
-        "q_proj": "self_attn.q_proj",
-        "k_proj": "self_attn.k_proj",
-        "v_proj": "self_attn.v_proj",
-        "o_proj": "self_attn.o_proj",
-        "gate_proj": "mlp.gate_proj",
-        "up_proj": "mlp.up_proj",
-        "down_proj": "mlp.down_proj",
-    }
-    for mine, i in zip(draft.layers, layers, strict=True):
-        theirs = hf.model.layers[i]
-        for a, b in names.items():
-            src = theirs.get_submodule(b).weight.detach()
-            getattr(mine, a).weight.copy_(src.to(getattr(mine, a).weight))
-    draft.norm.weight.copy_(hf.model.norm.weight.detach().to(draft.norm.weight))
 
 
 # ============================================================================ data order
@@ -359,8 +143,6 @@ class ShardLoader:
             raise DataError(f"teacher cache of {self.shards[i].name} does not match its token shard")
         item = {"ids": ids, "mask": mask, "t_logp": t["logp"], "t_ids": t["ids"], "t_lse": t["lse"]}
         if self.features:  # the target's last hidden states (EAGLE), see hierspec.train.eagle
-            from hierspec.train.eagle import load_features
-
             item["h"] = load_features(self.shards[i])
             if item["h"].shape[:2] != ids.shape:
                 raise DataError(f"feature cache of {self.shards[i].name} does not match its token shard")
@@ -389,182 +171,7 @@ class ShardLoader:
         return batch, {"epoch": epoch, "pos": pos}
 
 
-# ============================================================================ loss
-def kd_loss(
-    student_logits: torch.Tensor,
-    batch: dict[str, torch.Tensor],
-    row_of: torch.Tensor,
-    *,
-    ce_weight: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Bucketed KL(teacher || student) on the cached top-k (+ optional CE); see module docstring.
-
-    Args:
-        student_logits: [B, T, R] logits over the student's rows.
-        batch: ``mask`` [B, T], ``ids`` [B, T], ``t_logp`` [B, T, k], ``t_ids`` [B, T, k].
-        row_of: [V] student row of each target id, R for ids outside the student's vocabulary.
-    Returns:
-        (loss, {"kl", "ce", "agree"}) where agree = student argmax == teacher argmax.
-    """
-    r = student_logits.shape[-1]
-    device = student_logits.device
-    valid = (batch["mask"] > 0).to(device)
-    n_valid = valid.sum().clamp_min(1)
-    logq = F.log_softmax(student_logits.float(), dim=-1)  # [B, T, R]
-    t_rows = row_of.to(device)[batch["t_ids"].long().to(device)]  # [B, T, k]
-    in_s = t_rows < r
-    p_top = batch["t_logp"].float().to(device).exp()
-    tail = (1.0 - p_top.sum(-1)).clamp_min(0.0)
-    n_rest = r - in_s.sum(-1)
-    p_in = p_top * in_s
-    p_rest = tail * (n_rest > 0)
-    z = (p_in.sum(-1) + p_rest).clamp_min(1e-30)
-    pt_in, pt_rest = p_in / z[..., None], p_rest / z
-    logq_top = logq.gather(-1, t_rows.clamp_max(r - 1))  # [B, T, k]; entries outside S masked below
-    # log q(REST) = log(1 - sum of the student's top-k-in-S mass), summed in float64 on the small
-    # [B, T, k] tensor: no second [B, T, R] pass. fp32 log-probs limit its relative precision to
-    # ~1e-7 / q(REST); the clamp only bites when q(REST) < 1e-12, and then the top-k terms (whose
-    # teacher mass sums to < 1) already move student mass back out of the top-k.
-    q_top = torch.where(in_s, logq_top.double().exp(), 0.0).sum(-1)
-    logq_rest = (1.0 - q_top).clamp_min(1e-12).log().float()
-    kl_top = torch.where(in_s, torch.xlogy(pt_in, pt_in) - pt_in * logq_top, 0.0).sum(-1)
-    kl_rest = torch.where(pt_rest > 0, torch.xlogy(pt_rest, pt_rest) - pt_rest * logq_rest, 0.0)
-    kl = ((kl_top + kl_rest) * valid).sum() / n_valid
-    loss = kl
-    ce_val = 0.0
-    if ce_weight > 0:
-        labels = row_of.to(device)[batch["ids"][:, 1:].long().to(device)]
-        ok = (labels < r) & (batch["mask"][:, 1:] > 0).to(device)
-        nll = -logq[:, :-1].gather(-1, labels.clamp_max(r - 1)[..., None])[..., 0]
-        ce = (nll * ok).sum() / ok.sum().clamp_min(1)
-        loss = (1.0 - ce_weight) * kl + ce_weight * ce
-        ce_val = float(ce.detach())
-    with torch.no_grad():
-        top_row = t_rows[..., 0]
-        agree = ((logq.argmax(-1) == top_row) & valid).sum() / n_valid
-    return loss, {"kl": float(kl.detach()), "ce": ce_val, "agree": float(agree)}
-
-
-# ============================================================================ evaluation
-def simulate_acceptance_length(agree: torch.Tensor, gamma: int) -> tuple[int, int]:
-    """(tokens, steps) of greedy speculative decoding along one greedy continuation.
-
-    ``agree[i]`` says whether the draft's argmax equals the target's at response position i
-    (teacher-forced on the target's own greedy output, which is exactly the prefix the engine
-    would hold). Each step accepts the run of agreements (at most gamma) and adds one target
-    token, as the greedy rule does.
-    """
-    a = agree.tolist()
-    n, i, steps = len(a), 0, 0
-    while i < n:
-        run = 0
-        while run < gamma and i + run < n and a[i + run]:
-            run += 1
-        i += run + 1
-        steps += 1
-    return n, steps
-
-
-class Evaluator:
-    """Held-out metrics of a student against the teacher's exact full distributions (from a
-    `TargetPass`: the teacher runs once, its logits are recomputed from its features per call).
-
-    Positions: those predicting response tokens (mask 2) if the set has any, else every
-    non-pad next token. Metrics: ``agree`` (greedy agreement), ``accept_t1`` (mean sum_v
-    min(p, q) at T = 1: the expected acceptance of one draft token), ``coverage`` (teacher mass
-    inside the student's vocabulary), and, on response rows, ``mal_g{gamma}``: the mean
-    acceptance length of greedy speculative decoding with block size gamma, simulated on the
-    target's greedy responses.
-    """
-
-    def __init__(self, target: TargetPass, *, gamma: int = 5, batch_rows: int = 2) -> None:
-        self.target = target
-        self.hf, self.ids, self.mask = target.hf, target.ids, target.mask
-        self.gamma, self.batch_rows = gamma, batch_rows
-        self.response = bool((self.mask == 2).any())
-
-    @torch.no_grad()
-    def __call__(self, student: DraftLM | EarlyExitDraft) -> dict[str, float]:
-        module = trainable_module(student)
-        was_training = module.training
-        module.eval()
-        vm = _vocab_map(student)
-        v = self.hf.get_output_embeddings().weight.shape[0]
-        inside = torch.zeros(v, dtype=torch.bool)
-        if vm is None:
-            inside[:] = True
-        else:
-            inside[vm] = True
-        n = agree_sum = acc_sum = cov_sum = 0.0
-        tokens = steps = 0
-        for b0 in range(0, self.ids.shape[0], self.batch_rows):
-            ids, mask = self.ids[b0 : b0 + self.batch_rows], self.mask[b0 : b0 + self.batch_rows]
-            p = torch.softmax(self.target.logits(b0, b0 + ids.shape[0]), -1)
-            s_red = student.train_logits(ids).float().cpu()
-            if vm is None:
-                q = torch.softmax(s_red, -1)
-            else:
-                q = torch.zeros_like(p)
-                q[..., vm] = torch.softmax(s_red, -1)
-            nxt = mask[:, 1:] == 2 if self.response else mask[:, 1:] > 0
-            pos = torch.zeros_like(mask, dtype=torch.bool)
-            pos[:, :-1] = nxt
-            agree = p.argmax(-1) == q.argmax(-1)
-            acc = torch.minimum(p, q).sum(-1)
-            cov = (p * inside).sum(-1)
-            n += float(pos.sum())
-            agree_sum += float((agree & pos).sum())
-            acc_sum += float((acc * pos).sum())
-            cov_sum += float((cov * pos).sum())
-            if self.response:
-                for r in range(ids.shape[0]):
-                    tok, st = simulate_acceptance_length(agree[r][pos[r]], self.gamma)
-                    tokens, steps = tokens + tok, steps + st
-        if was_training:
-            module.train()
-        n = max(n, 1.0)
-        out = {"agree": agree_sum / n, "accept_t1": acc_sum / n, "coverage": cov_sum / n, "positions": int(n)}
-        if self.response and steps:
-            out[f"mal_g{self.gamma}"] = tokens / steps
-        return out
-
-
 # ============================================================================ training
-@dataclass
-class TrainConfig:
-    """Optimisation settings. lr follows linear warmup then cosine decay to lr * min_lr_ratio."""
-
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    ce_weight: float = 0.0
-    ckpt_every: int = 100
-    eval_every: int = 0
-    log_every: int = 10
-    seed: int = 0
-    shuffle_group: int = 4
-
-    def lr_factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
-        frac = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
-
 # settings that may change on resume without changing the run's meaning
 _RESUMABLE_CHANGES = {"steps", "ckpt_every", "eval_every", "log_every"}
 
@@ -615,7 +222,7 @@ def train(
     loader = ShardLoader(data_dir, seed=cfg.seed, group=cfg.shuffle_group, features=learner.needs_features)
     opt = _optimizer(module, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
-    row_of = inverse_map(_vocab_map(learner), learner.vocab_size)
+    row_of = inverse_map(student_vocab_map(learner), learner.vocab_size)
     desc = learner.describe()
     step, cursor = 0, {"epoch": 0, "pos": 0}
     history: list[dict[str, Any]] = []
@@ -634,7 +241,7 @@ def train(
             raise TrainError(f"cannot resume with changed settings {sorted(changed)}; use the checkpoint's")
         state = ck["model_state"]
         ck_vm = state.get("vocab_map")
-        my_vm = _vocab_map(learner)
+        my_vm = student_vocab_map(learner)
         if (ck_vm is None) != (my_vm is None) or (my_vm is not None and not torch.equal(ck_vm, my_vm)):
             raise TrainError(f"checkpoint {ckpt_path} was trained with another vocab_map")
         module.load_state_dict(state)

@@ -20,17 +20,18 @@ relative size ``noise`` added to the true input features (EAGLE-1's robustness t
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hierspec.models.draft import read_safetensors, write_safetensors
+from hierspec.models.draft import write_safetensors
 from hierspec.models.eagle import EagleHead
+from hierspec.train.config import TrainConfig
 from hierspec.train.data import list_shards, load_rows
-from hierspec.train.distill import TrainConfig, kd_loss
+from hierspec.train.features import FEATURES_FORMAT, feature_path, load_features
+from hierspec.train.loss import kd_loss
 from hierspec.train.teacher import TargetPass, target_pass, teacher_path, topk_rows, write_teacher
 
 __all__ = [
@@ -41,13 +42,6 @@ __all__ = [
     "feature_rms",
     "load_features",
 ]
-
-FEATURES_FORMAT = "hierspec.eagle-features"
-
-
-def feature_path(token_shard: str | os.PathLike[str]) -> Path:
-    p = Path(token_shard)
-    return p.parent.parent / "features" / p.name
 
 
 @torch.no_grad()
@@ -95,13 +89,6 @@ def feature_rms(data_dir: str | os.PathLike[str]) -> float:
     h = load_features(shard).float()
     _, mask, _ = load_rows(shard)
     return float(h[mask > 0].pow(2).mean().sqrt())
-
-
-def load_features(token_shard: str | os.PathLike[str]) -> torch.Tensor:
-    tensors, _ = read_safetensors(
-        feature_path(token_shard), what="feature cache", expect_format=FEATURES_FORMAT
-    )
-    return tensors["h"]
 
 
 class EagleStudent:

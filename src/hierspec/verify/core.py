@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..sampling import check_generator
+
 #: Absolute tolerance on |sum(row) - 1| for probability rows (float32 softmax over 49152 entries
 #: sums to 1 within ~1e-5; 1e-3 also admits rows renormalised in bfloat16).
 PROB_SUM_TOL = 1e-3
@@ -219,6 +221,7 @@ class Rule:
     ) -> VerifyOutput:
         if validate:
             check_inputs(draft_tokens, draft_probs, target_probs, scores_only=self._scores_only)
+        check_generator(generator, target_probs.device)
         return self._verify(draft_tokens, draft_probs, target_probs, generator)
 
     def law(

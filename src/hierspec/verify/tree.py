@@ -84,7 +84,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import categorical
+from ..sampling import categorical, check_generator
 from .core import _check_prob_rows, _fail
 
 MODES = ("deterministic", "iid", "without_replacement")
@@ -310,6 +310,7 @@ def verify_tree(
     _check_mode(mode, draft_probs)
     if validate:
         _validate(parents, tokens, target_probs, draft_probs, mode)
+    check_generator(generator, target_probs.device)
     kids = children(parents)
     tok = tokens.tolist()
     dev = target_probs.device

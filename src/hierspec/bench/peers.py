@@ -1,0 +1,148 @@
+"""Peers in the same run, on the same prompts: HF transformers' own decoding modes on the same
+underlying model, and llama.cpp's own loops on the same GGUF.
+
+* ``hf-ngram``: ``model.generate(prompt_lookup_num_tokens=gamma, max_matching_ngram_size=3)``;
+  ``hf-draft:MODEL``: assisted generation (``assistant_model=``, constant schedule, confidence
+  threshold 0); ``hf-early-exit:L``: HF's LayerSkip self-speculation. ``top_k=0`` so HF's implicit
+  top-k 50 does not apply.
+* ``llama-ar``: llama-cpp-python's high-level ``Llama.generate`` loop (plain decoding);
+  ``llama-pld``: the same loop with ``LlamaPromptLookupDecoding(num_pred_tokens=gamma)``. Both run
+  on a `Llama` object over the target's GGUF file, loaded once per run; the time covers the whole
+  call (prefill included), as for every other row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..methods import hf_module
+from .config import HF_PLD_MAX_NGRAM, Cell
+
+__all__ = ["run_hf", "run_llama"]
+
+
+def _row(new: list[int], eos: int | None, t_call: float) -> dict:
+    finish = "eos" if new and eos is not None and new[-1] == eos else "length"
+    return {
+        "new_tokens": len(new),
+        "finish_reason": finish,
+        "token_ids": new,
+        "time_s": t_call,
+        "time_call_s": t_call,
+        "time_analysis_s": 0.0,
+        "times": None,
+        "target_forwards": None,
+        "mean_acceptance_length": None,
+    }
+
+
+def run_hf(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
+    """One HF transformers generation of ``cell`` (see module docstring)."""
+    model = hf_module(runner.target)
+    inp = torch.tensor([ids], dtype=torch.long, device=model.device)
+    kw: dict[str, Any] = {
+        "input_ids": inp,
+        "attention_mask": torch.ones_like(inp),
+        "max_new_tokens": max_new,
+        "eos_token_id": runner.eos_token_id,
+        "pad_token_id": runner.eos_token_id,
+    }
+    if cell.temperature > 0:
+        kw.update(do_sample=True, temperature=cell.temperature, top_k=0, top_p=runner.cfg.top_p)
+    else:
+        kw.update(do_sample=False)
+    if cell.method.kind == "hf-ngram":
+        kw.update(prompt_lookup_num_tokens=cell.gamma, max_matching_ngram_size=HF_PLD_MAX_NGRAM)
+    elif cell.method.kind == "hf-early-exit":
+        # HF's LayerSkip self-speculation: the first L layers + the model's own norm and LM head
+        kw.update(assistant_early_exit=cell.method.exits[0], num_assistant_tokens=cell.gamma)
+    else:
+        assistant = hf_module(runner.built(cell).options["assistant"])
+        # HF reads these from the assistant's generation_config; pass them both ways
+        gc = assistant.generation_config
+        gc.num_assistant_tokens = cell.gamma
+        gc.num_assistant_tokens_schedule = "constant"
+        gc.assistant_confidence_threshold = 0.0
+        kw.update(
+            assistant_model=assistant,
+            num_assistant_tokens=cell.gamma,
+            num_assistant_tokens_schedule="constant",
+            assistant_confidence_threshold=0.0,
+        )
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**kw)
+    t_call = time.perf_counter() - t0
+    return _row(out[0, inp.shape[1] :].tolist(), runner.eos_token_id, t_call)
+
+
+def _llama(runner: Any, draft_tokens: int | None) -> Any:
+    """llama-cpp-python's `Llama` over the target's GGUF (one per prompt-lookup length, cached on
+    the runner), with the target's context size and threads."""
+    cache = runner.__dict__.setdefault("_llama_peers", {})
+    if draft_tokens not in cache:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        target = runner.target
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=draft_tokens) if draft_tokens else None
+        with _same_buffers_as(target):
+            cache[draft_tokens] = Llama(
+                model_path=str(target.path),
+                n_ctx=target.max_length,
+                n_threads=target.n_threads,
+                n_threads_batch=target.n_threads,
+                n_batch=target.n_batch,
+                flash_attn=True,  # the kernels hierspec's LlamaCppModel uses (batch-invariant rows)
+                draft_model=draft,
+                verbose=False,
+            )
+    return cache[draft_tokens]
+
+
+@contextlib.contextmanager
+def _same_buffers_as(target: Any) -> Iterator[None]:
+    """Load the peer with the target's choice of llama.cpp extra buffer types: on AMX hosts the
+    AMX matmul path of this build crashes on Q4 weights, so `LlamaCppModel` turns it off, and
+    `Llama` (which has no such option) gets the same model parameters here."""
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+    use_extra = bool(getattr(target, "extra_buffers", True))
+
+    def params() -> Any:
+        p = original()
+        p.use_extra_bufts = use_extra
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def run_llama(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
+    """One generation with llama-cpp-python's own loop on the target's GGUF (see module docstring)."""
+    llm = _llama(runner, cell.gamma if cell.method.kind == "llama-pld" else None)
+    llm.set_seed(seed % 2**31)
+    kw: dict[str, Any] = {"reset": True}
+    if cell.temperature > 0:
+        kw.update(temp=cell.temperature, top_k=0, top_p=runner.cfg.top_p, min_p=0.0)
+    else:
+        kw.update(temp=0.0, top_k=1)
+    new: list[int] = []
+    eos = runner.eos_token_id
+    t0 = time.perf_counter()
+    for tok in llm.generate(ids, **kw):
+        new.append(int(tok))
+        if tok == eos or len(new) >= max_new:
+            break
+    t_call = time.perf_counter() - t0
+    return _row(new, eos, t_call)

@@ -1,0 +1,530 @@
+"""`LlamaCppModel`: a GGUF model on llama.cpp (llama-cpp-python's low-level API) behind the
+`LanguageModel` protocol.
+
+One llama.cpp context holds one sequence (seq_id 0). A forward fills a preallocated
+``llama_batch`` (capacity ``n_batch``) with the new tokens at positions cache_length.. and asks for
+logits on every row, runs ``llama_decode`` and copies the ``[T, V]`` float32 logits out once::
+
+    forward(ids[1, T]):  batch.token[:T] = ids; batch.pos[:T] = L..L+T-1; batch.logits[:T] = 1
+                         llama_decode(ctx, batch)                 (chunks of n_batch if T > n_batch)
+                         logits[1, T, V] = copy of llama_get_logits(ctx)[:T]
+    crop(n):             llama_memory_seq_rm(mem, 0, n, -1)       KV cells at positions >= n go
+
+Invariant (the one of ``hierspec.models.base``): ``cache_length`` == positions held by seq 0, and
+after ``crop(n)`` the state equals a fresh prefill of the first n tokens up to float rounding
+(measured on SmolLM2 Q4_1 with flash attention, llama.cpp's "auto": a row of a T-token forward
+equals the same row of T one-token forwards bitwise for T <= 48, and differs by up to ~1.3 in the
+logits from T = 64, where llama.cpp switches kernels; without flash attention rows differ already
+at small T. So verification forwards of a few tokens match plain decoding exactly; see
+tests/test_llamacpp.py).
+
+What this backend gives: float32 logits for every row, the last hidden states (after the final
+norm, from llama.cpp's embeddings output with pooling NONE) on ``output_hidden=True``, KV roll-back
+to any length. What it cannot do is listed in ``LlamaCppModel.UNSUPPORTED``: it has no
+``forward_tree`` / ``compact`` (tree attention), no layer-range forward (early exit), no batch > 1.
+
+Bad input (missing, unreadable, non-GGUF or truncated file, an architecture llama.cpp cannot load,
+``n_ctx`` beyond the model's training context) raises FileNotFoundError / ValueError naming the
+path or the argument before a context is built. llama.cpp's log lines are captured while loading
+(they go into the error message on failure) and dropped otherwise unless ``verbose=True`` or
+llama-cpp-python's logger ("llama-cpp-python") has been given a level that lets them through.
+
+llama_cpp is imported lazily (in the constructor), so importing this module needs only torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from hierspec.models.base import ForwardOutput
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_BATCH = 512
+BACKEND = "llama.cpp"
+_NO_HIDDEN_HINT = "use the torch backend (--backend torch)"
+
+# --------------------------------------------------------------------------- llama.cpp logging
+# ggml.h's enum ggml_log_level (NONE = untagged output, CONT = continues the previous line);
+# llama-cpp-python's own _logger still uses an older numbering.
+_LOG_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_log_lock = threading.Lock()
+_log_state: dict[str, Any] = {"callback": None, "capture": None, "verbose": False, "last": logging.INFO}
+
+
+def _install_log_callback(lcp: Any) -> None:
+    """Route llama.cpp's log through one process-wide callback (idempotent): lines are captured
+    while a model loads, else printed only if verbose (or llama-cpp-python's logger allows)."""
+    if _log_state["callback"] is not None:
+        return
+    lcp_logger = logging.getLogger("llama-cpp-python")
+
+    def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        py_level = _LOG_LEVELS.get(level, _log_state["last"])  # 5 = continuation of the last line
+        _log_state["last"] = py_level
+        capture = _log_state["capture"]
+        if capture is not None:
+            capture.append((py_level, text.decode("utf-8", "replace")))
+            return
+        explicit = lcp_logger.level != logging.NOTSET and lcp_logger.level <= py_level
+        if _log_state["verbose"] or explicit:
+            print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
+
+    callback = lcp.llama_log_callback(_log)
+    _log_state["callback"] = callback  # keep a reference: llama.cpp holds only the pointer
+    lcp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+class _CapturedLog:
+    """Context manager collecting llama.cpp's log lines (printed at the end if verbose)."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.lines: list[tuple[int, str]] = []
+
+    def __enter__(self) -> _CapturedLog:
+        _log_lock.acquire()
+        _log_state["capture"] = self.lines
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _log_state["capture"] = None
+        _log_lock.release()
+        if self.verbose:
+            sys.stderr.write("".join(text for _, text in self.lines))
+
+    def errors(self) -> str:
+        """The captured warning/error lines, joined (for an exception message)."""
+        text = "".join(t for level, t in self.lines if level >= logging.WARNING).strip()
+        return " ".join(text.split())[-600:]
+
+
+# --------------------------------------------------------------------------- file checks
+def check_gguf_file(path: str | os.PathLike[str]) -> Path:
+    """The path as a Path if it names a readable file starting with the GGUF magic, else
+    FileNotFoundError / ValueError naming it (cheap: reads 8 bytes)."""
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"GGUF model {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ValueError(f"GGUF model {str(p)!r} is not a file")
+    try:
+        with p.open("rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise ValueError(f"GGUF model {str(p)!r} is not readable: {err}") from None
+    if head[:4] != GGUF_MAGIC:
+        raise ValueError(
+            f"{str(p)!r} is not a GGUF file (it starts with {head[:4]!r}, a GGUF file with {GGUF_MAGIC!r})"
+        )
+    if len(head) < 8:
+        raise ValueError(f"GGUF model {str(p)!r} is truncated ({p.stat().st_size} bytes)")
+    return p
+
+
+def host_has_amx() -> bool:
+    """Whether this CPU advertises Intel AMX (``amx_tile`` in /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise ImportError(
+            f"the llama.cpp backend needs llama-cpp-python (pip install llama-cpp-python): {err}"
+        ) from err
+    return llama_cpp
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _c_string(fill: Any, size: int = 256) -> str:
+    """Call ``fill(buf, size)`` (a llama.cpp string getter returning the full length) and decode."""
+    buf = ctypes.create_string_buffer(size)
+    n = fill(buf, size)
+    if n >= size:
+        buf = ctypes.create_string_buffer(n + 1)
+        n = fill(buf, n + 1)
+    return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+
+def _free_all(lcp: Any, handles: dict[str, Any]) -> None:
+    """Free batch, context and model (idempotent; a finalizer, so it never raises)."""
+    try:
+        if handles.pop("batch_alive", False):
+            lcp.llama_batch_free(handles["batch"])
+        ctx = handles.pop("ctx", None)
+        if ctx:
+            lcp.llama_free(ctx)
+        model = handles.pop("model", None)
+        if model:
+            lcp.llama_model_free(model)
+    except Exception:  # interpreter shutdown may have torn down ctypes already
+        pass
+
+
+# --------------------------------------------------------------------------- the model
+class LlamaCppModel:
+    """A GGUF model on llama.cpp with a position-addressed KV cache (see module docstring).
+
+    Args:
+        path: the GGUF file.
+        n_ctx: context size = ``max_length``; default min(the model's training context, 4096); may
+            not exceed the training context.
+        n_threads: CPU threads for decoding (default: the CPUs this process may use).
+        n_batch: most tokens per ``llama_decode`` call (longer forwards run in chunks); default
+            min(n_ctx, 512).
+        extra_buffers: let llama.cpp place weights in its extra CPU buffer types (AMX tiles,
+            repacked layouts). Default: on, except on CPUs with AMX, where llama-cpp-python 0.3.36's
+            AMX matmul segfaults (seen on an Intel Xeon with amx_int8, SmolLM2 Q4_1, 2026-12-01).
+        flash_attn: use llama.cpp's flash-attention kernel (None: llama.cpp decides, "auto").
+        verbose: let llama.cpp print its log to stderr.
+        check_ids: check every forward that ids lie in ``[0, vocab_size)``.
+
+    Logits are float32 ``[1, T, V]`` ordinary CPU tensors (callers may modify them).
+    ``cost_per_forward`` returns None until costs are given with `set_costs` (e.g. from
+    ``hierspec.calibrate.measure_costs(model, sizes, context)``).
+    """
+
+    backend: ClassVar[str] = BACKEND
+    #: what this backend cannot do (the torch backend can): checked by the caller, named in errors
+    UNSUPPORTED: ClassVar[dict[str, str]] = {
+        "tree": "tree attention (forward_tree / compact)",
+        "early_exit": "forwards over a range of layers (early-exit drafts)",
+        "batch": "batch size > 1",
+    }
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_batch: int | None = None,
+        extra_buffers: bool | None = None,
+        flash_attn: bool | None = None,
+        verbose: bool = False,
+        check_ids: bool = True,
+    ) -> None:
+        for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self.path = check_gguf_file(path)
+        lcp = _import_llama_cpp()
+        self._lcp = lcp
+        _install_log_callback(lcp)
+        if verbose:
+            _log_state["verbose"] = True
+        self._handles: dict[str, Any] = {}
+        self._finalizer = weakref.finalize(self, _free_all, lcp, self._handles)
+
+        with _CapturedLog(verbose) as log:
+            lcp.llama_backend_init()
+            mparams = lcp.llama_model_default_params()
+            mparams.n_gpu_layers = 0
+            self.extra_buffers = not host_has_amx() if extra_buffers is None else bool(extra_buffers)
+            mparams.use_extra_bufts = self.extra_buffers
+            model = lcp.llama_model_load_from_file(os.fsencode(self.path), mparams)
+        if not model:
+            detail = log.errors() or "llama.cpp could not load it"
+            raise ValueError(
+                f"llama.cpp cannot load the GGUF model {str(self.path)!r} (truncated, damaged or an "
+                f"unsupported architecture): {detail}"
+            )
+        self._handles["model"] = model
+        self._model = model
+        self._vocab = lcp.llama_model_get_vocab(model)
+        self.vocab_size: int = int(lcp.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train: int = int(lcp.llama_model_n_ctx_train(model))
+        self.hidden_size: int = int(lcp.llama_model_n_embd(model))
+        if n_ctx is None:
+            n_ctx = (
+                min(self.n_ctx_train, DEFAULT_MAX_CONTEXT) if self.n_ctx_train > 0 else DEFAULT_MAX_CONTEXT
+            )
+        elif self.n_ctx_train > 0 and n_ctx > self.n_ctx_train:
+            raise ValueError(
+                f"n_ctx={n_ctx} exceeds the context the model {self.path.name!r} was trained for "
+                f"({self.n_ctx_train}); pass n_ctx <= {self.n_ctx_train}"
+            )
+        self.max_length: int = int(n_ctx)
+        self.n_threads: int = int(n_threads or _default_threads())
+        self.n_batch: int = int(min(n_batch or DEFAULT_BATCH, self.max_length))
+
+        cparams = lcp.llama_context_default_params()
+        cparams.n_ctx = self.max_length
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.embeddings = False
+        cparams.pooling_type = lcp.LLAMA_POOLING_TYPE_NONE
+        cparams.no_perf = True
+        if flash_attn is not None:
+            cparams.flash_attn_type = (
+                lcp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lcp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        with _CapturedLog(verbose) as log:
+            ctx = lcp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise ValueError(
+                f"llama.cpp could not create a context of n_ctx={self.max_length} for "
+                f"{str(self.path)!r}: {log.errors() or 'out of memory?'}"
+            )
+        self._handles["ctx"] = ctx
+        self._ctx = ctx
+        self._mem = lcp.llama_get_memory(ctx)
+        self._embeddings_on = False
+
+        # One batch for every forward: seq id, n_seq_id and the logits flags never change.
+        batch = lcp.llama_batch_init(self.n_batch, 0, 1)
+        self._handles["batch"] = batch
+        self._handles["batch_alive"] = True
+        self._batch = batch
+        self._tok = np.ctypeslib.as_array(batch.token, shape=(self.n_batch,))  # int32 views
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(self.n_batch,))
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(self.n_batch,))[:] = 1
+        self._want = np.ctypeslib.as_array(batch.logits, shape=(self.n_batch,))  # int8 output flags
+        self._want[:] = 1
+        for i in range(self.n_batch):
+            batch.seq_id[i][0] = 0
+        self._decode = lcp.llama_decode
+        self._get_logits = lcp.llama_get_logits
+
+        self.check_ids = check_ids
+        self._length = 0
+        self._costs: tuple[list[int], list[float]] | None = None
+        self.metadata: dict[str, str] = self._read_metadata()
+        self.architecture: str = self.metadata.get("general.architecture", "")
+        self.ftype: str = self._ftype_name()
+        self.token_bos: int = int(lcp.llama_vocab_bos(self._vocab))
+        self.token_eos: int = int(lcp.llama_vocab_eos(self._vocab))
+        self.token_eot: int = int(lcp.llama_vocab_eot(self._vocab))
+        self.chat_template: str | None = self.metadata.get("tokenizer.chat_template")
+
+    # ------------------------------------------------------------------ metadata
+    def _read_metadata(self) -> dict[str, str]:
+        """Scalar GGUF metadata as strings (arrays such as the token list are left out)."""
+        lcp, model = self._lcp, self._model
+        out: dict[str, str] = {}
+        for i in range(int(lcp.llama_model_meta_count(model))):
+            key = _c_string(lambda b, n, i=i: lcp.llama_model_meta_key_by_index(model, i, b, n))
+            if key.startswith("tokenizer.ggml.") and key.endswith(
+                ("tokens", "scores", "token_type", "merges")
+            ):
+                continue
+            out[key] = _c_string(
+                lambda b, n, i=i: lcp.llama_model_meta_val_str_by_index(model, i, b, n), 4096
+            )
+        return out
+
+    def _ftype_name(self) -> str:
+        """The GGUF file type (weights' quantisation) as a short name, e.g. 'Q4_1', 'BF16'."""
+        code = int(self._lcp.llama_model_ftype(self._model))
+        for name in dir(self._lcp):
+            if (
+                name.startswith("LLAMA_FTYPE_")
+                and getattr(self._lcp, name) == code
+                and name != "LLAMA_FTYPE_GUESSED"
+            ):
+                return name.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_")
+        return f"ftype {code}"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def describe(self) -> str:
+        """One line: file name, architecture, file type, context and threads."""
+        return (
+            f"{self.path.name} ({self.architecture}, {self.ftype}, llama.cpp, n_ctx={self.max_length}, "
+            f"threads={self.n_threads})"
+        )
+
+    # ------------------------------------------------------------------ protocol properties
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads
+
+    @property
+    def cache_length(self) -> int:
+        """Number of positions currently held in the KV cache."""
+        return self._length
+
+    # ------------------------------------------------------------------ protocol methods
+    def _check_input(self, input_ids: torch.Tensor) -> np.ndarray:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids must be [1, T] with T >= 1 (the llama.cpp backend runs batch size 1), "
+                f"got shape {tuple(input_ids.shape)}"
+            )
+        new = input_ids.shape[1]
+        if self._length + new > self.max_length:
+            raise ValueError(
+                f"forward of {new} tokens at cache_length {self._length} exceeds max_length {self.max_length}"
+            )
+        ids = input_ids[0].numpy(force=True)
+        if self.check_ids:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got range [{lo}, {hi}]")
+        return ids
+
+    def _set_embeddings(self, on: bool) -> None:
+        if on != self._embeddings_on:
+            self._lcp.llama_set_embeddings(self._ctx, on)
+            self._embeddings_on = on
+
+    def forward(self, input_ids: torch.Tensor, *, output_hidden: bool = False) -> ForwardOutput:
+        """Run ``input_ids`` [1, T] at positions cache_length.. and append them to the cache.
+
+        Returns logits [1, T, V] float32 and, if ``output_hidden``, the last hidden states
+        [1, T, H] (after the final norm) as float32. On an error the cache is rolled back.
+        """
+        ids = self._check_input(input_ids)
+        new, v = ids.shape[0], self.vocab_size
+        self._set_embeddings(output_hidden)
+        logits = torch.empty((1, new, v), dtype=torch.float32)  # [1, T, V]
+        hidden = torch.empty((1, new, self.hidden_size), dtype=torch.float32) if output_hidden else None
+        row_bytes, h_bytes = v * 4, self.hidden_size * 4
+        start = self._length
+        for a in range(0, new, self.n_batch):
+            n = self._decode_chunk(ids[a : a + self.n_batch], start)
+            # one memmove per chunk: llama.cpp's [n, V] float32 rows -> the output tensor
+            ctypes.memmove(logits.data_ptr() + a * row_bytes, self._get_logits(self._ctx), n * row_bytes)
+            if hidden is not None:
+                emb = self._lcp.llama_get_embeddings(self._ctx)
+                if not emb:
+                    self._rollback(start)
+                    raise ValueError(
+                        f"the llama.cpp backend gave no hidden states for {self.path.name}; {_NO_HIDDEN_HINT}"
+                    )
+                ctypes.memmove(hidden.data_ptr() + a * h_bytes, emb, n * h_bytes)
+        return ForwardOutput(logits=logits, hidden=hidden)
+
+    def prefill(self, input_ids: torch.Tensor) -> None:
+        """`forward` without outputs: append ``input_ids`` [1, T] to the cache and compute no
+        logits (llama.cpp skips the output head, and no [T, V] buffer is written). For a prompt
+        whose logits are not read (the engine's prefill)."""
+        ids = self._check_input(input_ids)
+        self._set_embeddings(False)
+        start = self._length
+        self._want[:] = 0
+        try:
+            for a in range(0, ids.shape[0], self.n_batch):
+                self._decode_chunk(ids[a : a + self.n_batch], start)
+        finally:
+            self._want[:] = 1
+
+    def _decode_chunk(self, ids: np.ndarray, start: int) -> int:
+        """llama_decode of ``ids`` (<= n_batch tokens) at cache_length; on failure roll back to
+        ``start`` (the cache length before the whole forward) and raise. Returns the count."""
+        n = ids.shape[0]
+        pos = self._length
+        self._tok[:n] = ids
+        self._pos[:n] = np.arange(pos, pos + n, dtype=np.int32)
+        self._batch.n_tokens = n
+        rc = self._decode(self._ctx, self._batch)
+        if rc != 0:
+            self._rollback(start)
+            raise RuntimeError(f"llama_decode failed with status {rc} (forward of {n} tokens at {pos})")
+        self._length = pos + n
+        return n
+
+    __call__ = forward
+
+    def _rollback(self, length: int) -> None:
+        self._lcp.llama_memory_seq_rm(self._mem, 0, length, -1)
+        self._length = length
+
+    def crop(self, length: int) -> None:
+        """Drop every cached position >= length (0 <= length <= cache_length)."""
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise ValueError(f"crop length must be an int, got {type(length).__name__}")
+        if not 0 <= length <= self._length:
+            raise ValueError(f"crop length must be in 0..{self._length} (the cache length), got {length}")
+        if length == self._length:
+            return
+        if length == 0:
+            self.reset()
+            return
+        if not self._lcp.llama_memory_seq_rm(self._mem, 0, length, -1):
+            raise RuntimeError(f"llama.cpp could not roll the KV cache back to {length} positions")
+        self._length = length
+
+    def reset(self) -> None:
+        """Empty the cache (equivalent to ``crop(0)``)."""
+        self._lcp.llama_memory_clear(self._mem, False)
+        self._length = 0
+
+    # ------------------------------------------------------------------ costs
+    def set_costs(self, sizes: Sequence[int], seconds: Sequence[float]) -> None:
+        """Record measured seconds per forward of ``sizes[i]`` tokens (e.g.
+        ``model.set_costs(sizes, hierspec.calibrate.measure_costs(model, sizes, context))``)."""
+        pairs = sorted(zip((int(n) for n in sizes), (float(s) for s in seconds), strict=True))
+        if not pairs or pairs[0][0] < 1 or len({n for n, _ in pairs}) != len(pairs):
+            raise ValueError(f"sizes must be distinct integers >= 1, got {list(sizes)}")
+        self._costs = ([n for n, _ in pairs], [s for _, s in pairs])
+
+    def cost_per_forward(self, num_tokens: int) -> float | None:
+        """Seconds per forward of ``num_tokens`` tokens, linearly interpolated (extrapolated past
+        the ends) from `set_costs`; None if no costs were set."""
+        if self._costs is None:
+            return None
+        xs, ys = self._costs
+        if len(xs) == 1 or num_tokens <= xs[0]:
+            return ys[0]
+        i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Free llama.cpp's model, context and batch now (the object is unusable afterwards)."""
+        self._finalizer()
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LlamaCppModel({self.describe()}, cache_length={self._length}/{self.max_length})"
