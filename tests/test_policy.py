@@ -335,6 +335,28 @@ def test_model_drafter_confidences_and_early_stop(small_pair):
     assert s.num_tokens == 2 and len(calls) == 2  # sync forward + one draft forward, none wasted
 
 
+def test_a_draft_as_costly_as_the_target_is_not_even_asked(small_pair):
+    """Consulting a model drafter costs its catch-up forward even when it then drafts nothing:
+    once a consultation is measured to cost more than drafting can win back (even at the best
+    learned acceptance), the policy decodes plainly without asking it, except to explore; a cheap
+    consultation keeps it asking (negative control)."""
+    target, draft = small_pair
+    curve = CostCurve((1, 2, 4, 8), (0.010, 0.014, 0.020, 0.035))
+    calls = []
+    orig = draft.forward
+    draft.forward = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    for consult, asked in ((0.050, False), (0.0001, True)):
+        ad = AdaptiveDrafter(ModelDrafter(draft), curve, k_max=4, explore_every=1000)
+        ad._consult = consult  # as if measured
+        calls.clear()
+        res = generate(
+            target, [1, 3, 2], drafter=ad, gamma=4, params=SamplingParams(temperature=0), max_new_tokens=12
+        )
+        assert res.token_ids == plain_greedy(target, [1, 3, 2], 12)
+        assert (len(calls) > 0) == asked, consult
+    del draft.forward
+
+
 def test_ngram_confidence_is_match_length():
     d = NgramDrafter(max_ngram=3).propose(torch.tensor([[4, 5, 6, 7, 4, 5, 6]]), 2)
     assert d.tokens[0].tolist() == [7, 4] and d.confidence.tolist() == pytest.approx([0.75, 0.75])

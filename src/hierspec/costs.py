@@ -45,7 +45,7 @@ from .calibrate import fingerprint, measure_costs
 from .models.base import LanguageModel
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: CPU flags that change the speed of a forward (vector width, bf16/int8 dot products, AMX tiles)
 SPEED_FLAGS = (
     "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -118,7 +118,11 @@ def measure_cost_curve(
 ) -> CostCurve:
     """Median seconds per forward of n tokens (n in ``sizes``) after a warm cache of ``context``
     tokens (`hierspec.calibrate.measure_costs`), with as many repeats (1..15) as fit in about
-    ``budget_s`` seconds after a one-repeat pilot. Leaves the model's cache empty."""
+    ``budget_s`` seconds after a one-repeat pilot. Leaves the model's cache empty.
+
+    Noise on a shared machine only ever adds time, and a forward of n tokens never costs more
+    than one of m > n tokens, so the curve is repaired to its running minimum from the right,
+    c(n) := min_{m >= n} c(m): a load spike during one size cannot make drafting look free."""
     sizes = sorted({int(n) for n in sizes})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"sizes: expected integers >= 1, got {sizes}")
@@ -129,7 +133,10 @@ def measure_cost_curve(
     slope = (pilot[1] - pilot[0]) / max(sizes[-1] - sizes[0], 1)
     per_round = sum(pilot[0] + slope * (n - sizes[0]) for n in sizes)
     repeats = int(min(15, max(1, budget_s / max(per_round, 1e-6))))
-    return CostCurve(tuple(sizes), tuple(measure_costs(model, sizes, context, repeats)))
+    seconds = measure_costs(model, sizes, context, repeats)
+    for i in range(len(seconds) - 2, -1, -1):
+        seconds[i] = min(seconds[i], seconds[i + 1])
+    return CostCurve(tuple(sizes), tuple(seconds))
 
 
 # ---------------------------------------------------------------------------------- cache key

@@ -235,6 +235,7 @@ class AdaptiveDrafter:
 
     def _clear(self) -> None:
         self._draft_cost = self._fixed_draft_cost
+        self._consult: float | None = None  # seconds per consultation of a stoppable drafter
         self.k_hist: dict[int, int] = {}
         self._explore_interval = self.explore_every
         self._since_spec = 0
@@ -283,6 +284,20 @@ class AdaptiveDrafter:
                     self.costs = self.costs.scaled(r)
                     self._rescales.append(r)
 
+    def _consulting_can_pay(self, k_max: int, d: float) -> bool:
+        """Whether asking a stoppable (model) drafter can beat plain decoding even if every
+        position were accepted at the best rate learned so far: a consultation costs its measured
+        time (the draft catching up on the committed tokens and its first forward) whether or
+        not it drafts, so a draft that costs about as much as the target is not even asked.
+        Decided from the past only (exact)."""
+        if self._consult is None:
+            return True
+        bins = self.acceptance.bins
+        a = max(self.acceptance.estimate((b + 0.5) / bins) for b in range(bins))
+        e = expected_tokens([a] * k_max)
+        best = max(e[k] / (self.costs(k + 1) + self._consult + d * (k - 1)) for k in range(1, k_max + 1))
+        return best > 1.0 / self.costs(1)
+
     def _cost_per_token(self) -> float:
         return 0.0 if self._draft_cost is None else self._draft_cost
 
@@ -313,7 +328,7 @@ class AdaptiveDrafter:
         if k_max <= 0:
             pass
         elif self._stoppable:
-            if k_past > 0 or explore:
+            if (k_past > 0 or explore) and (explore or self._consulting_can_pay(k_max, d)):
                 explored = k_past == 0
 
                 def stop(conf: Sequence[float]) -> bool:
@@ -330,6 +345,9 @@ class AdaptiveDrafter:
         else:
             skipped = True
         self._record_draft_time(time.perf_counter() - t0, draft.num_tokens)
+        if self._stoppable and not skipped and k_max > 0:
+            dt = time.perf_counter() - t0
+            self._consult = dt if self._consult is None else 0.8 * self._consult + 0.2 * dt
         n = draft.num_tokens
         if n == 0:
             k = 0

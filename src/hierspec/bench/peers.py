@@ -131,6 +131,7 @@ def _same_buffers_as(target: Any) -> Iterator[None]:
 def run_llama(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
     """One generation with llama-cpp-python's own loop on the target's GGUF (see module docstring)."""
     llm = _llama(runner, cell.gamma if cell.method.kind == "llama-pld" else None)
+    llm.reset()  # else `generate` silently reuses the KV cache of the previous call's common prefix
     llm.set_seed(seed % 2**31)
     kw: dict[str, Any] = {"reset": True}
     if cell.temperature > 0:

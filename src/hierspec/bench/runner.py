@@ -242,9 +242,10 @@ class Runner:
     def built(self, cell: Cell) -> Any:
         """The registry's `Built` for this cell's method, rule and gamma (built once)."""
         rule = cell.rule if cell.rule in SPEC_RULES else "token"
-        key = (cell.method.name, rule, cell.gamma or 1)
+        gamma = 1 if cell.gamma is None else cell.gamma  # AR: None; adaptive (γ auto): 0
+        key = (cell.method.name, rule, gamma)
         if key not in self._built:
-            self._built[key] = build_method(cell.method, self.models, rule=rule, gamma=cell.gamma or 1)
+            self._built[key] = build_method(cell.method, self.models, rule=rule, gamma=gamma)
         return self._built[key]
 
     def clear_caches(self) -> None:

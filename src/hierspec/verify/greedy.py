@@ -12,9 +12,9 @@ Ties: a drafted token that attains the row maximum is accepted even if a lower i
 where plain greedy would take the lower index. Exact ties at the maximum essentially never occur
 in float32/float64 logits; in bfloat16 they can, which is one reason identity is tested in fp32.
 
-Hot path: one `amax` over [B, K, V] (a vectorised reduction; `argmax` over V is ~10x slower on
-this CPU), a gather to compare the drafted tokens' scores with the maxima, and one `argmax` of
-the single row that gives Y.
+Hot path: one `amax` over [B, K, V] (a vectorised reduction; torch's `argmax` over V is ~10x
+slower on this CPU), a gather to compare the drafted tokens' scores with the maxima, and one
+`argmax` of the single row that gives Y (numpy's on CPU float32 rows, see `_argmax`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,16 @@ def verify(
         tau = match.long().cumprod(-1).sum(-1)
     else:
         tau = torch.zeros(b, dtype=torch.long, device=dev)
-    y = target_probs[bidx, tau].argmax(-1)
+    y = _argmax(target_probs[bidx, tau])  # [B]
     return VerifyOutput(num_accepted=tau, next_token=y)
+
+
+def _argmax(rows: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim (the first index among exact ties, as torch and numpy both do);
+    numpy's on CPU float32 rows: ~4 µs against ~65 µs for torch's on a 49,152-wide row here."""
+    if rows.device.type == "cpu" and rows.dtype == torch.float32 and not rows.requires_grad:
+        return torch.from_numpy(rows.numpy().argmax(-1))
+    return rows.argmax(-1)
 
 
 def law(
