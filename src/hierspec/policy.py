@@ -236,6 +236,7 @@ class AdaptiveDrafter:
     def _clear(self) -> None:
         self._draft_cost = self._fixed_draft_cost
         self._consult: float | None = None  # seconds per consultation of a stoppable drafter
+        self._cost_bound = False  # the last exploration was of a drafter too costly to ask
         self.k_hist: dict[int, int] = {}
         self._explore_interval = self.explore_every
         self._since_spec = 0
@@ -272,7 +273,7 @@ class AdaptiveDrafter:
             self._accepted += tau
             if explored:
                 doubled = min(self._explore_interval * 2, self.explore_every << _MAX_EXPLORE_DOUBLINGS)
-                self._explore_interval = self.explore_every if tau else doubled
+                self._explore_interval = self.explore_every if tau and not self._cost_bound else doubled
         if self._t_exit is not None:
             gap = now - self._t_exit  # target forward + engine work of the last step
             kind = "spec" if tokens else "plain"
@@ -288,12 +289,14 @@ class AdaptiveDrafter:
         """Whether asking a stoppable (model) drafter can beat plain decoding even if every
         position were accepted at the best rate learned so far: a consultation costs its measured
         time (the draft catching up on the committed tokens and its first forward) whether or
-        not it drafts, so a draft that costs about as much as the target is not even asked.
+        not it drafts, so a draft that costs about as much as the target is not even asked
+        (until exploration asks it again).
         Decided from the past only (exact)."""
         if self._consult is None:
             return True
-        bins = self.acceptance.bins
-        a = max(self.acceptance.estimate((b + 0.5) / bins) for b in range(bins))
+        acc = self.acceptance
+        seen = [acc.estimate((b + 0.5) / acc.bins) for b in range(acc.bins) if acc.n[b] > 0]
+        a = max(seen, default=acc.rate)  # the best acceptance seen so far, not the priors' 0.95
         e = expected_tokens([a] * k_max)
         best = max(e[k] / (self.costs(k + 1) + self._consult + d * (k - 1)) for k in range(1, k_max + 1))
         return best > 1.0 / self.costs(1)
@@ -328,8 +331,11 @@ class AdaptiveDrafter:
         if k_max <= 0:
             pass
         elif self._stoppable:
-            if (k_past > 0 or explore) and (explore or self._consulting_can_pay(k_max, d)):
-                explored = k_past == 0
+            pays = (k_past > 0 or explore) and self._consulting_can_pay(k_max, d)
+            if pays or explore:
+                # exploring a drafter that costs more to ask than it can win back: back off
+                # however the draft fares (asking it again means catching up on every token since)
+                explored, self._cost_bound = k_past == 0 or not pays, not pays
 
                 def stop(conf: Sequence[float]) -> bool:
                     a = [self.acceptance.estimate(c) for c in conf]
