@@ -345,13 +345,14 @@ class AdaptiveDrafter:
                 draft = self.inner.propose(context, k_max, params, generator, stop=stop)
             else:
                 skipped = True
-        elif cheap or k_past > 0 or explore:
-            explored = not cheap and k_past == 0
+        elif cheap or ((k_past > 0 or explore) and (explore or self._consulting_can_pay(k_max, d))):
+            explored = not cheap and (k_past == 0 or explore)
+            self._cost_bound = not cheap and explore
             draft = self.inner.propose(context, k_max if cheap else max(k_past, 1), params, generator)
         else:
             skipped = True
         self._record_draft_time(time.perf_counter() - t0, draft.num_tokens)
-        if self._stoppable and not skipped and k_max > 0:
+        if not cheap and not skipped and k_max > 0:
             dt = time.perf_counter() - t0
             self._consult = dt if self._consult is None else 0.8 * self._consult + 0.2 * dt
         n = draft.num_tokens

@@ -6,6 +6,7 @@ model; every bad input is a `BenchError` (one line, exit status 2) before any wo
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -299,9 +300,10 @@ def check_output_dir(out: Path) -> None:
         fd, tmp = tempfile.mkstemp(dir=probe_dir, prefix=".hierspec-probe-")
         os.close(fd)
         os.unlink(tmp)
-    except OSError as err:
+    except OSError as err:  # ENOENT inside an existing folder: e.g. /proc, which takes no files
+        why = "it takes no new files" if err.errno == errno.ENOENT else err.strerror
         raise BenchError(
-            f"--out {str(out)!r}: directory {str(probe_dir)!r} is not writable ({err})"
+            f"--out {str(out)!r}: directory {str(probe_dir)!r} is not writable ({why})"
         ) from None
 
 

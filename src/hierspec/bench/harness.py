@@ -401,13 +401,15 @@ def prepare(argv: Sequence[str]) -> tuple[BenchConfig, list[Prompt], bool]:
 def load_models(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any], dict[int, Any], str]:
     """The target (``--model`` on ``--backend``), every draft and exit head the methods use (via
     the registry's `ModelSet`, so each is loaded once, by the one loader)."""
-    from ..methods import ModelSet
+    from ..methods import ModelSet, needs
     from ..models.open import open_target
 
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    opened = open_target(cfg.model, backend=cfg.backend, dtype=cfg.dtype, device=device, methods=cfg.methods)
+    opened = open_target(
+        cfg.model, backend=cfg.backend, dtype=cfg.dtype, device=device, needs=needs(cfg.methods)
+    )
     models = ModelSet(
         opened.model,
         opened.tokenizer,

@@ -78,12 +78,14 @@ def encode(tok: Any, text: str, chat: bool) -> list[int]:
 
 
 def run_generate(args: Any) -> int:
-    from ..methods import MethodError, ModelSet, build_method
+    from ..methods import MethodError, ModelSet, build_method, needs
     from ..models.open import open_target
 
     params, spec, gamma, device = _check(args)
     t0 = time.perf_counter()
-    opened = open_target(args.model, backend=args.backend, dtype=args.dtype, device=device, methods=[spec])
+    opened = open_target(
+        args.model, backend=args.backend, dtype=args.dtype, device=device, needs=needs([spec])
+    )
     load_s = time.perf_counter() - t0
     target, tok = opened.model, opened.tokenizer
     ids = encode(tok, args.prompt, args.chat)

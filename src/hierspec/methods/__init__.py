@@ -12,6 +12,7 @@ from .registry import (
     build_method,
     check_runnable,
     check_ssd_gammas,
+    needs,
     parse_method,
     planned_stack,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "check_runnable",
     "check_ssd_gammas",
     "hf_module",
+    "needs",
     "parse_method",
     "planned_stack",
     "resolve_draft",

@@ -27,7 +27,16 @@ from ..engine import GenerationResult, generate
 from .models import ModelSet
 from .spec import AUTO_K_MAX, LOOKUP_LEVELS, SSD_OPTIONS, MethodError, MethodSpec, check_model_ref, ints
 
-__all__ = ["ENTRIES", "METHOD_SYNTAX", "SSD_OPTIONS", "Built", "Entry", "build_method", "parse_method"]
+__all__ = [
+    "ENTRIES",
+    "METHOD_SYNTAX",
+    "SSD_OPTIONS",
+    "Built",
+    "Entry",
+    "build_method",
+    "needs",
+    "parse_method",
+]
 
 
 @dataclass
@@ -467,6 +476,11 @@ CAPABILITY_HINTS = {
 }
 
 
+def needs(specs: Sequence[MethodSpec]) -> dict[str, frozenset[str]]:
+    """What each method needs of the target (for `hierspec.models.open.open_target`)."""
+    return {s.name: ENTRIES[s.kind].needs for s in specs}
+
+
 def check_runnable(spec: MethodSpec, backend: str) -> None:
     """MethodError if ``spec`` needs what the ``backend`` ('torch' | 'llama.cpp') cannot give."""
     have = {"hf", "tree"} if backend == "torch" else {"llama"}
@@ -479,17 +493,26 @@ def check_runnable(spec: MethodSpec, backend: str) -> None:
         )
 
 
+#: methods that run their own loop over views of one model (HiSpec, early exit): ``gamma=0``
+#: (auto) gives them this fixed draft length (HiSpec uses its N_i either way)
+SELF_SPECULATORS = ("early-exit", "hispec")
+SELF_SPECULATION_GAMMA = 4
+
+
 def build_method(spec: MethodSpec | str, models: ModelSet, *, rule: str = "block", gamma: int = 5) -> Built:
     """Build ``spec`` on ``models``: ``rule`` verifies at temperature > 0 (every level of a
     hierarchy and both HiSpec stages), ``gamma`` draft tokens per step (methods with their own
     block size, e.g. HiSpec's N_i or a tree's depth, override it). ``gamma=0`` (``auto``) wraps
     the drafter in `hierspec.policy.AdaptiveDrafter` over the target's measured cost curve
-    (`hierspec.costs.cost_curve`, cached per host), drafting 0..AUTO_K_MAX tokens per step."""
+    (`hierspec.costs.cost_curve`, cached per host), drafting 0..AUTO_K_MAX tokens per step; the
+    self-speculators (early exit, HiSpec) keep a fixed length there (`SELF_SPECULATION_GAMMA`)."""
     if isinstance(spec, str):
         spec = parse_method(spec)
     check_runnable(spec, models.backend)
     if gamma:
         return ENTRIES[spec.kind].build(spec, models, rule, gamma)
+    if spec.kind in SELF_SPECULATORS:  # their own loop and block size: a fixed length
+        return ENTRIES[spec.kind].build(spec, models, rule, SELF_SPECULATION_GAMMA)
     built = ENTRIES[spec.kind].build(spec, models, rule, AUTO_K_MAX)
     if built.drafter is not None and built.tree is None and ENTRIES[spec.kind].runner == "engine":
         from ..costs import cost_curve

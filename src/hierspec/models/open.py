@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,15 +50,17 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def choose_backend(backend: str, fmt: str, methods: Sequence[Any] = (), device: str = "cpu") -> str:
+def choose_backend(
+    backend: str, fmt: str, needs: Mapping[str, Set[str]] | None = None, device: str = "cpu"
+) -> str:
     """The backend to run on (see module docstring); ValueError naming ``--backend`` when the
-    choice cannot work."""
-    from ..methods.registry import ENTRIES
-
+    choice cannot work. ``needs`` maps each requested method's name to the capabilities it needs
+    of the target (``hf``/``tree``: torch; ``llama``: llama.cpp; see `hierspec.methods.needs`)."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    needs_torch = [m.name for m in methods if ENTRIES[m.kind].needs & {"hf", "tree"}]
-    needs_llama = [m.name for m in methods if "llama" in ENTRIES[m.kind].needs]
+    needs = needs or {}
+    needs_torch = [name for name, n in needs.items() if n & {"hf", "tree"}]
+    needs_llama = [name for name, n in needs.items() if "llama" in n]
     if backend == "auto":
         if fmt == "gguf" and device == "cpu" and llama_cpp_available() and not needs_torch:
             return "llama.cpp"
@@ -119,21 +121,22 @@ def open_target(
     backend: str = "auto",
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
-    methods: Sequence[Any] = (),
+    needs: Mapping[str, Set[str]] | None = None,
     n_ctx: int | None = None,
 ) -> Opened:
     """Open ``model`` (a catalogue name or a path) on ``backend`` (see module docstring).
 
-    ``dtype`` applies to the torch backend (llama.cpp runs the GGUF's own types); ``methods``
-    (MethodSpecs) steer ``auto`` and are checked against the backend; ``n_ctx`` caps the context
-    on llama.cpp. Errors name ``--model`` / ``--backend``."""
+    ``dtype`` applies to the torch backend (llama.cpp runs the GGUF's own types); ``needs`` (what
+    each requested method needs of the target, `hierspec.methods.needs`) steers ``auto`` and is
+    checked against the backend; ``n_ctx`` caps the context on llama.cpp. Errors name
+    ``--model`` / ``--backend``."""
     from .catalog import resolve_model
 
     try:
         ref = resolve_model(model)
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"--model: {err}") from None
-    chosen = choose_backend(backend, ref.format, methods, device)
+    chosen = choose_backend(backend, ref.format, needs, device)
     name = ref.name or ref.path.name
     if chosen == "llama.cpp":
         from .llamacpp import LlamaCppModel
