@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements.txt
 # embedded GGUF, draft length chosen per step from the measured cost curve), with plain decoding
 # on the same backend and on the other one (torch) in the same run.
 run: venv
-	$(VENV)/bin/hierspec generate --chat --compare --compare-backend --method suffix --gamma auto \
+	$(VENV)/bin/hierspec generate --chat --compare --compare-backend --method ngram --gamma auto \
 		--max-new-tokens 128 --prompt "$(PROMPT)"
 
 test: venv
