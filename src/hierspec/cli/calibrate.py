@@ -10,13 +10,13 @@ from .flags import CliError
 
 
 def run_calibrate(args: Any) -> int:
+    from ..bench.config import encode_prompt
     from ..bench.prompts import load_prompt_set
     from ..calibrate import calibrate
     from ..files import check_writable_file
     from ..methods import MethodError, ModelSet
     from ..models.open import open_target
     from ..sampling import SamplingParams
-    from .generate import encode
 
     check_writable_file(args.out, "--out")
     specs = [x.strip() for x in args.levels.split(",") if x.strip()]
@@ -35,7 +35,7 @@ def run_calibrate(args: Any) -> int:
         drafts = [models.draft(s) for s in specs]
     except MethodError as err:
         raise CliError(f"--levels: {err}") from None
-    ids = [encode(opened.tokenizer, p.text, p.chat) for p in prompts]
+    ids = [encode_prompt(opened.tokenizer, p) for p in prompts]
     cal = calibrate(
         [*drafts, opened.model], [*specs, "target"], ids, params=params, new_tokens=args.new_tokens
     )

@@ -67,14 +67,11 @@ def _check(args: Any) -> tuple[Any, Any, int, str]:
 
 
 def encode(tok: Any, text: str, chat: bool) -> list[int]:
-    if chat:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tok(text)["input_ids"]]
+    """Token ids of a prompt (chat prompts through the template): the bench's `encode_prompt`."""
+    from ..bench.config import encode_prompt
+    from ..bench.prompt import Prompt
+
+    return encode_prompt(tok, Prompt("cli", "cli", text, chat))
 
 
 def run_generate(args: Any) -> int:
