@@ -371,6 +371,29 @@ def test_quick_preset_and_overrides(tmp_path):
     assert [m.kind for m in harness.config_from_args(args).methods] == ["ar", "ngram"]  # AR added
 
 
+def test_planned_hierarchy_and_hf_assisted_cells(tmp_path):
+    """The planned stack runs once at its own lengths (γplan) and once adaptive; HF assisted
+    generation also runs at γ auto (its own defaults), prompt lookup only at fixed lengths."""
+    cal = tmp_path / "cal.json"
+    cal.write_text("{}")
+    methods = f"hierarchy:plan={cal},hf-draft:{tmp_path},hf-ngram"
+    args = harness.build_parser().parse_args(
+        ["--out", str(tmp_path / "o"), "--methods", methods, "--gammas", "auto,3,5", "--temperatures", "0"]
+    )
+    labels = [c.label for c in harness.plan_cells(harness.config_from_args(args))]
+    name = tmp_path.name
+    assert labels == [
+        "ar",
+        "hierarchy:plan/γauto",
+        "hierarchy:plan/γplan",
+        f"hf-draft:{name}/γauto",
+        f"hf-draft:{name}/γ3",
+        f"hf-draft:{name}/γ5",
+        "hf-ngram/γ3",
+        "hf-ngram/γ5",
+    ]
+
+
 # ------------------------------------------------------------------------------ new methods
 def test_parse_self_speculation_and_hierarchy_methods(tmp_path):
     m = harness.parse_method("hispec")

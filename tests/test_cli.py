@@ -110,3 +110,11 @@ def test_plan_from_calibration_file(tmp_path, capsys):
     path.write_text("{")
     assert main(["plan", "--calibration", str(path)]) == 2
     assert "unreadable or malformed" in capsys.readouterr().err
+
+
+def test_calibrate_lookup_levels_come_first(tmp_path, capsys):
+    out = str(tmp_path / "cal.json")
+    assert main(["calibrate", "--levels", "small,ngram", "--out", out]) == 2
+    assert "lookup drafters (ngram) are the cheapest: list them first" in capsys.readouterr().err
+    assert main(["calibrate", "--levels", ",", "--out", out]) == 2
+    assert "--levels: give the draft levels" in capsys.readouterr().err

@@ -126,3 +126,70 @@ def test_built_generate_is_the_engine(pair):
     a = built.generate([1, 2, 3], **kw).token_ids
     b = generate(models.target, [1, 2, 3], drafter=built.drafter, gamma=3, **kw).token_ids
     assert a == b
+
+
+def _calibration_file(tmp_path, models, path, draft_cost: float, alpha: float, fps=None):
+    """A calibration of (draft, target) with the given draft cost (target: 1.0 s per decode,
+    +0.05 s per extra token) and acceptance, for the models' real fingerprints."""
+    from hierspec.calibrate import Calibration, fingerprint
+
+    sizes = [1, 2, 4, 8, 9]
+    cal = Calibration(
+        names=[path, "target"],
+        fingerprints=fps or [fingerprint(models.draft(path)), fingerprint(models.target)],
+        sizes=sizes,
+        costs=[[draft_cost] * len(sizes), [1.0 + 0.05 * (n - 1) for n in sizes]],
+        alpha=[[1.0, alpha], [alpha, 1.0]],
+        alpha_lo=[[1.0, alpha], [alpha, 1.0]],
+        alpha_hi=[[1.0, alpha], [alpha, 1.0]],
+        sampling="greedy",
+        context=64,
+        num_prompts=2,
+    )
+    out = tmp_path / f"cal-{draft_cost}.json"
+    cal.save(out)
+    return str(out)
+
+
+def test_planned_hierarchy_from_a_calibration_file(pair, tmp_path, capsys):
+    """hierarchy:plan=FILE builds the planner's choice for the calibrated models: a cheap, well
+    aligned draft gets a drafted stack; a draft as costly as the target gets plain decoding; a
+    file made for other models or a missing file is a one-line MethodError. All stay greedy
+    identical to plain decoding."""
+    from hierspec.cli import main
+
+    models, path = pair
+    ids = [1, 5, 7, 5, 7, 5, 2, 9, 5, 7]
+    kw = dict(params=SamplingParams(temperature=0.0), max_new_tokens=24, seed=0)
+    ref = build_method("ar", models).generate(ids, **kw).token_ids
+
+    cheap = _calibration_file(tmp_path, models, path, draft_cost=0.05, alpha=0.8)
+    built = build_method(f"hierarchy:plan={cheap}", models, gamma=3)
+    assert isinstance(built.drafter, SpeculativeDrafter) and built.drafter.model is models.draft(path)
+    assert built.gamma > 1 and "planned stack" in built.note
+    assert built.generate(ids, **kw).token_ids == ref
+    assert main(["plan", "--calibration", cheap]) == 0
+    assert f"--method draft:{path} --gamma {built.gamma}" in capsys.readouterr().out
+
+    costly = _calibration_file(tmp_path, models, path, draft_cost=0.9, alpha=0.3)
+    built = build_method(f"hierarchy:plan={costly}", models, gamma=0)
+    assert built.drafter is None and "target alone" in built.note
+    assert built.generate(ids, **kw).token_ids == ref
+    assert main(["plan", "--calibration", costly]) == 0
+    assert "(= ar: no draft pays for its cost)" in capsys.readouterr().out
+
+    (tmp_path / "other").mkdir()
+    other = _calibration_file(tmp_path / "other", models, path, 0.05, 0.8, fps=["0" * 16, "1" * 16])
+    with pytest.raises(MethodError, match="made for other models"):
+        build_method(f"hierarchy:plan={other}", models)
+    with pytest.raises(MethodError, match="does not exist"):
+        parse_method(f"hierarchy:plan={tmp_path / 'missing.json'}")
+
+
+def test_drafts_load_in_the_targets_dtype_by_default():
+    """A ModelSet without a dtype loads drafts in the target's dtype (a bf16 target gets a bf16
+    draft, as `generate` and the bench do), float32 beside a llama.cpp target."""
+    target, _ = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float64, max_length=64)
+    assert ModelSet(target).dtype == torch.float64
+    assert ModelSet(target, backend="llama.cpp").dtype == torch.float32
+    assert ModelSet(target, dtype=torch.bfloat16).dtype == torch.bfloat16

@@ -80,6 +80,31 @@ def test_dp_finds_brute_force_optimum(seed):
     assert [p.latency for p in ranked] == sorted(p.latency for p in ranked)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_dp_with_bottom_only_levels(seed):
+    """Lookup levels (bottom_only) never sit above another level: the DP agrees with brute force
+    under the constraint, and on the toy instance it must give up the unconstrained optimum."""
+    rng = np.random.default_rng(100 + seed)
+    m = 4 + seed % 2
+    alpha, cost = _instance(m, rng, slope=0.1 * (seed % 2))
+    bottom = (0, 1)
+    ranked = plan(alpha, cost, n_max=5, top=20, bottom_only=bottom)
+    bf = brute_force(alpha, cost, n_max=5, bottom_only=bottom)
+    assert ranked[0].latency == pytest.approx(bf.latency, rel=1e-12) and ranked[0].chain == bf.chain
+    assert all(i not in bottom for p in ranked for i in p.chain[1:])
+
+
+def test_bottom_only_changes_the_toy_optimum():
+    q = np.array([0, 0.35, 0.6, 0.8, 1.0])
+    alpha = np.exp(-1.1 * np.abs(q[None, :] - q[:, None]))
+    c = const_cost([0.02, 0.06, 0.15, 0.40, 1.0])
+    assert plan(alpha, c, n_max=12)[0].chain == (0, 1, 2, 4)  # M1 verifies M0 ...
+    best = plan(alpha, c, n_max=12, bottom_only=(0, 1))[0]  # ... unless both only propose
+    assert best.chain[0] in (0, 1) and 1 not in best.chain[1:]
+    with pytest.raises(ValueError, match="bottom_only"):
+        plan(alpha, c, bottom_only=(4,))
+
+
 def test_toy_selection_problem():
     """The reference notes' five-model toy: the DP picks M0 -> M1 -> M2 -> M4 with n = (2, 2, 3)."""
     q = np.array([0, 0.35, 0.6, 0.8, 1.0])
@@ -170,3 +195,54 @@ def test_unsorted_costs_warn():
 def test_plan_rejects_bad_inputs(alpha, cost, kw, match):
     with pytest.raises(ValueError, match=match):
         plan(alpha, cost, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:models are not sorted")
+def test_calibrate_with_a_lookup_level():
+    """An n-gram level: alpha(ngram, target) = mean over target-sampled positions of p_target(x),
+    x its one-token proposal from the context before the position (0 where it proposes none).
+    Checked against a direct computation; the same computation shifted by one position (the
+    proposal made after seeing the token) must disagree."""
+    import torch
+
+    from hierspec.calibrate import calibrate, fingerprint
+    from hierspec.drafters import NgramDrafter
+    from hierspec.engine import generate
+    from hierspec.models import make_tiny_pair
+    from hierspec.sampling import SamplingParams, process_logits
+
+    target, mid = make_tiny_pair(vocab_size=8, seed=4, dtype=torch.float64, max_length=128)
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2], [4, 5, 4, 5, 4]]
+    params = SamplingParams(temperature=1.0)
+    cal = calibrate(
+        [NgramDrafter(), mid, target],
+        ["ngram", "mid", "target"],
+        prompts,
+        params=params,
+        sizes=(1, 4),
+        context=16,
+        new_tokens=16,
+        repeats=1,
+    )
+    assert cal.costs[0][0] < cal.costs[2][0] and fingerprint(NgramDrafter()) == cal.fingerprints[0]
+
+    def direct(shift: int) -> float:
+        rates = []
+        for pi, prompt in enumerate(prompts):
+            seq = list(prompt) + generate(target, prompt, params=params, max_new_tokens=16, seed=pi).token_ids
+            target.reset()
+            probs = process_logits(target.forward(torch.tensor([seq])).logits[0].double(), params)
+            target.reset()
+            ngram, got = NgramDrafter(), []
+            for t in range(len(prompt), len(seq)):
+                d = ngram.propose(torch.tensor([seq[: t + shift]]), 1)
+                got.append(float(probs[t - 1, int(d.tokens[0, 0])]) if d.num_tokens else 0.0)
+            rates.append(sum(got) / len(got))
+        return sum(rates) / len(rates)
+
+    a = cal.alpha_matrix()
+    assert a[0, 2] == pytest.approx(direct(0), abs=1e-9) and a[0, 2] > 0
+    assert a[0, 2] != pytest.approx(direct(1), abs=1e-3)  # negative control: peeking one token ahead
+    assert a[0, 0] <= 1 and a[0, 2] <= a[0, 0]  # diagonal: how often it proposes at all
+    ranked = plan(a, cal.cost, n_max=4)
+    assert ranked[0].chain[-1] == 2

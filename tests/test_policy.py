@@ -4,10 +4,13 @@ controls that peek at the target or drop a stochastic draft token because of its
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
+from hierspec import policy
 from hierspec.costs import CostCurve
 from hierspec.drafters import Draft, ModelDrafter, NgramDrafter
 from hierspec.engine import generate
@@ -312,6 +315,33 @@ def test_improving_drafter_is_noticed():
     drive(ad, 400, lambda k: k)  # now every drafted token is accepted
     hist = ad.stats()["k_hist"]
     assert hist.get(4, 0) > 250
+
+
+class SlowStoppableDrafter(FixedDrafter):
+    """A model-like drafter (takes ``stop``) whose every consultation takes ``seconds``."""
+
+    def __init__(self, tokens, conf, seconds):
+        super().__init__(tokens, conf)
+        self.seconds = seconds
+
+    def propose(self, context, num_tokens, params, generator=None, *, stop=None):
+        time.sleep(self.seconds)
+        return super().propose(context, num_tokens, params, generator)
+
+
+@pytest.mark.parametrize("budget,most", [(policy.EXPLORE_BUDGET, 1), (10.0, None)])
+def test_dear_explorations_are_spaced_by_their_cost(monkeypatch, budget, most):
+    """Exploring a drafter too costly to ask (consultations of 100 ms against c(1) = 10 ms) spaces
+    the explorations so that they cost <= EXPLORE_BUDGET of the time: >= 500 steps apart here,
+    so one in 300 steps; with a lax budget (negative control) the doubling interval alone
+    (4, 8, 16, ...) explores several times."""
+    monkeypatch.setattr(policy, "EXPLORE_BUDGET", budget)
+    curve = CostCurve((1, 2, 4, 8), (0.010, 0.014, 0.020, 0.035))
+    ad = AdaptiveDrafter(SlowStoppableDrafter([9, 9, 9, 9], 0.95, 0.1), curve, k_max=4, explore_every=4)
+    ad._consult = 0.050  # as if measured: asking it cannot pay
+    drive(ad, 300, lambda k: k)
+    n = ad.stats()["explorations"]
+    assert n <= most if most is not None else n >= 3, n
 
 
 # ------------------------------------------------------------------- confidences, stop, bad input

@@ -12,6 +12,12 @@ position, sum_v min(p_i, p_j) is computed for every pair (after the same Samplin
 is the mean over positions; its 95 % interval is a bootstrap over prompts (positions within a
 prompt are correlated).
 
+Lookup levels (n-gram, suffix) take part as the cheapest models: their proposal is a point mass
+q = delta_x (or nothing), so alpha_ij = E[p_j(x)] (0 where they propose nothing) and, between two
+lookups, the rate at which they propose the same token; their cost is the time of a `propose`
+call. The planner's i.i.d. model under-rates them (their acceptances come in runs) but lets it
+weigh n-gram -> draft -> target stacks against the rest.
+
 The result is a JSON file naming the models (name, vocabulary size, parameter fingerprint), so a
 calibration cannot be applied to another model set by mistake (`load`).
 """
@@ -32,15 +38,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from .curve import interpolate
 from .engine import generate
 from .files import write_json_atomic
 from .models.base import LanguageModel
 from .sampling import SamplingParams, process_logits
 
+Level = Any  # a LanguageModel, or a lookup drafter (`propose` only, no forward)
 
-def fingerprint(model: LanguageModel) -> str:
-    """Short hash of a model's identity: vocabulary size, max length, and its parameters' shapes
-    and a few values (cheap; distinguishes different checkpoints of one architecture)."""
+
+def is_lookup(level: Level) -> bool:
+    """A model-free drafter (n-gram, suffix): it proposes by lookup, q one-hot, no forward."""
+    return not hasattr(level, "forward") and hasattr(level, "propose")
+
+
+def fingerprint(model: Level) -> str:
+    """Short hash of a model's identity (cheap; distinguishes different checkpoints of one
+    architecture): for a model run from a file (llama.cpp) its vocabulary size and the file's name
+    and size; otherwise vocabulary size, max length and its parameters' shapes and a few values."""
+    if is_lookup(model):
+        return hashlib.sha256(f"lookup:{type(model).__name__}".encode()).hexdigest()[:16]
+    path = getattr(model, "path", None)
+    if isinstance(path, Path) and path.is_file():  # a file-backed model (llama.cpp), any context size
+        ident = f"{model.vocab_size}:{path.name}:{path.stat().st_size}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
     h = hashlib.sha256(f"{model.vocab_size}:{model.max_length}".encode())
     module = getattr(model, "model", model)
     params = list(getattr(module, "parameters", lambda: [])())
@@ -66,17 +87,8 @@ class Calibration:
     num_prompts: int
 
     def cost(self, i: int, n: int) -> float:
-        """Seconds for a forward of n tokens of model i (linear interpolation/extrapolation)."""
-        xs, ys = self.sizes, self.costs[i]
-        if n <= xs[0]:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(
-            zip(xs, ys, strict=True), zip(xs[1:], ys[1:], strict=True), strict=False
-        ):
-            if n <= x1:
-                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
-        return ys[-1] + slope * (n - xs[-1])
+        """Seconds for a forward of n tokens of model i (`hierspec.curve.interpolate`)."""
+        return interpolate(self.sizes, self.costs[i], n)
 
     def alpha_matrix(self) -> np.ndarray:
         return np.array(self.alpha)
@@ -186,10 +198,27 @@ def _kind(x: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def measure_costs(model: LanguageModel, sizes: Sequence[int], context: int, repeats: int = 7) -> list[float]:
-    """Median seconds of a forward of n tokens after a warm cache of `context` tokens."""
+def measure_costs(
+    model: Level, sizes: Sequence[int], context: int, repeats: int = 7, vocab_size: int | None = None
+) -> list[float]:
+    """Median seconds of a forward of n tokens after a warm cache of `context` tokens (a lookup
+    drafter: of a proposal of n tokens after a context of `context` tokens)."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.vocab_size, (1, context + max(sizes)), generator=gen)
+    vocab = vocab_size or model.vocab_size
+    ids = torch.randint(0, vocab, (1, context + max(sizes)), generator=gen)
+    if is_lookup(model):
+        model.reset()
+        out = []
+        for n in sizes:
+            times = []
+            for r in range(repeats + 1):
+                t0 = time.perf_counter()
+                model.propose(ids[:, : context + r], n)
+                if r:
+                    times.append(time.perf_counter() - t0)
+            out.append(max(statistics.median(times), 1e-7))
+        model.reset()
+        return out
     model.reset()
     model.forward(ids[:, :context])
     out = []
@@ -207,8 +236,21 @@ def measure_costs(model: LanguageModel, sizes: Sequence[int], context: int, repe
     return out
 
 
+def lookup_rows(drafter: Level, seq: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:
+    """[L - start, V] rows of a lookup drafter's one-token proposal for each position t >= start
+    of ``seq`` [1, L] given seq[:t]: one-hot at the proposed token, zero where it proposes none."""
+    drafter.reset()
+    rows = torch.zeros(seq.shape[1] - start, vocab_size, dtype=torch.float64)
+    for t in range(start, seq.shape[1]):
+        draft = drafter.propose(seq[:, :t], 1)
+        if draft.num_tokens:
+            rows[t - start, int(draft.tokens[0, 0])] = 1.0
+    drafter.reset()
+    return rows
+
+
 def measure_alpha(
-    models: Sequence[LanguageModel],
+    models: Sequence[Level],
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     new_tokens: int,
@@ -224,6 +266,9 @@ def measure_alpha(
         seq = torch.tensor([list(prompt) + res.token_ids])
         rows = []
         for model in models:
+            if is_lookup(model):
+                rows.append(lookup_rows(model, seq, len(prompt), models[-1].vocab_size))
+                continue
             model.reset()
             logits = model.forward(seq).logits[0, len(prompt) - 1 : -1]
             rows.append(process_logits(logits.double(), params))
@@ -239,7 +284,7 @@ def measure_alpha(
 
 
 def calibrate(
-    models: Sequence[LanguageModel],
+    models: Sequence[Level],
     names: Sequence[str],
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | None = None,
@@ -248,16 +293,29 @@ def calibrate(
     new_tokens: int = 64,
     repeats: int = 7,
 ) -> Calibration:
-    """Costs and pairwise acceptance of `models` (sorted by cost, target last)."""
+    """Costs and pairwise acceptance of `models` (sorted by cost, target last; lookup drafters
+    first)."""
     if len(models) != len(names):
         raise ValueError(f"names: expected {len(models)} names, got {len(names)}")
-    vocab = {m.vocab_size for m in models}
+    if is_lookup(models[-1]):
+        raise ValueError("models: the last one (the target) must be a language model, not a lookup drafter")
+    vocab = {m.vocab_size for m in models if not is_lookup(m)}
     if len(vocab) != 1:
         raise ValueError(f"models' vocabularies differ ({sorted(vocab)}); levels must share one")
     if not prompts:
         raise ValueError("prompts: give at least one calibration prompt")
     params = params or SamplingParams(temperature=1.0)
-    costs = [measure_costs(m, sizes, min(context, m.max_length - max(sizes) - 1), repeats) for m in models]
+    target = models[-1]
+    costs = [
+        measure_costs(
+            m,
+            sizes,
+            min(context, getattr(m, "max_length", target.max_length) - max(sizes) - 1),
+            repeats,
+            target.vocab_size,
+        )
+        for m in models
+    ]
     alpha, lo, hi = measure_alpha(models, prompts, params, new_tokens)
     return Calibration(
         list(names),

@@ -42,6 +42,7 @@ import torch
 
 from .cache import cache_root, read_json_cache, write_json_cache
 from .calibrate import fingerprint, measure_costs
+from .curve import interpolate
 from .models.base import LanguageModel
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
@@ -75,16 +76,9 @@ class CostCurve:
         object.__setattr__(self, "seconds", secs)
 
     def __call__(self, n: int) -> float:
-        """Seconds for a forward of n tokens: linear interpolation between the measured sizes,
-        linear extrapolation beyond them (flat below sizes[0]); never below 1e-9."""
-        xs, ys = self.sizes, self.seconds
-        if n <= xs[0] or len(xs) == 1:
-            return ys[0] if n <= xs[0] else ys[0] * n / xs[0]
-        for x0, y0, x1, y1 in zip(xs, ys, xs[1:], ys[1:], strict=False):
-            if n <= x1:
-                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-        return max(ys[-1] + slope * (n - xs[-1]), 1e-9)
+        """Seconds for a forward of n tokens (`hierspec.curve.interpolate`: linear between the
+        measured sizes and beyond them, flat below sizes[0])."""
+        return interpolate(self.sizes, self.seconds, n)
 
     @property
     def decode(self) -> float:

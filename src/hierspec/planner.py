@@ -125,11 +125,14 @@ def _check_alpha(alpha: np.ndarray) -> np.ndarray:
     return a
 
 
-def plan(alpha: np.ndarray, cost: CostFn, n_max: int = 8, top: int = 5) -> list[Plan]:
+def plan(
+    alpha: np.ndarray, cost: CostFn, n_max: int = 8, top: int = 5, bottom_only: Sequence[int] = ()
+) -> list[Plan]:
     """Ranked candidate hierarchies over models 0..M-1 sorted by cost (M-1 = target).
 
     DP over models (the best sub-hierarchy topped by each model), then the `top` best distinct
-    chains re-ranked by their affine latency. Polynomial: O(M^2 n_max) for the DP.
+    chains re-ranked by their affine latency. Polynomial: O(M^2 n_max) for the DP. Levels in
+    ``bottom_only`` (lookup drafters: they propose but cannot verify) only start a chain.
     ValueError for a non-square ``alpha``, values outside [0, 1], non-positive costs or bounds.
     """
     alpha = _check_alpha(alpha)
@@ -138,6 +141,11 @@ def plan(alpha: np.ndarray, cost: CostFn, n_max: int = 8, top: int = 5) -> list[
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     m = alpha.shape[0]
     target = m - 1
+    bottom = set(bottom_only)
+    if not bottom <= set(range(target)):
+        raise ValueError(
+            f"bottom_only: expected indices of drafting levels (0..{target - 1}), got {bottom_only}"
+        )
     decode = [cost(i, 1) for i in range(m)]
     if not all(math.isfinite(c) and c > 0 for c in decode):
         raise ValueError(f"cost: expected positive finite seconds per forward, got cost(i, 1) = {decode}")
@@ -151,7 +159,7 @@ def plan(alpha: np.ndarray, cost: CostFn, n_max: int = 8, top: int = 5) -> list[
     best: list[tuple[float, tuple[int, ...], tuple[int, ...]]] = []
     for j in range(m):
         cand = [(cost(j, 1), (j,), ())]
-        for i in range(j):
+        for i in range(j) if j not in bottom else ():
             ell_i, chain_i, batches_i = best[i]
             for n in range(1, n_max + 1):
                 ell = (n * ell_i + cost(j, n + 1)) / expected_tokens(float(alpha[i][j]), n)
@@ -172,14 +180,16 @@ def plan(alpha: np.ndarray, cost: CostFn, n_max: int = 8, top: int = 5) -> list[
     return [Plan(chain=c[1], batches=c[2], latency=c[0], speedup=c_ar / c[0]) for c in ranked]
 
 
-def brute_force(alpha: np.ndarray, cost: CostFn, n_max: int = 8) -> Plan:
+def brute_force(alpha: np.ndarray, cost: CostFn, n_max: int = 8, bottom_only: Sequence[int] = ()) -> Plan:
     """Exhaustive search over all chains ending at the target and all batch lengths (affine
-    model); exponential, for testing the DP."""
+    model; ``bottom_only`` levels only at the bottom); exponential, for testing the DP."""
     m = alpha.shape[0]
     target = m - 1
     best = Plan((target,), (), cost(target, 1), 1.0)
     for r in range(0, m - 1):
         for sub in itertools.combinations(range(m - 1), r + 1):
+            if any(i in bottom_only for i in sub[1:]):
+                continue
             chain = (*sub, target)
             for batches in itertools.product(range(1, n_max + 1), repeat=len(chain) - 1):
                 ell = affine_latency(chain, batches, alpha, cost)

@@ -31,6 +31,10 @@ steps in a row it drafts one token anyway; each exploration that is rejected dou
 (up to 64x), an accepted one resets it. The cost is bounded by (c(2) - c(1) + d) / (interval c(1))
 of plain decoding time: at most 5.6 % with the llama.cpp Q4_1 curve (c(2) = 1.89 c(1)) and
 interval 16, shrinking geometrically while explorations fail; ~0 on flat curves (torch bf16).
+A model drafter too costly to ask pays more per exploration: it first catches up on every token
+since it was last asked (in a new generation: a prefill of the whole prompt). After such an
+exploration the interval is at least its measured time / (`EXPLORE_BUDGET` c(1)) steps, so
+exploring it costs at most ~2 % of plain decoding time.
 
 Drift. The wrapper sees the time between its `propose` calls: the target's forward plus the
 engine's per-step work. `hierspec.costs.DriftTracker` compares it with c(k + 1) and re-scales the
@@ -82,6 +86,7 @@ from .drafters.base import Draft, Drafter
 from .sampling import SamplingParams
 
 _MAX_EXPLORE_DOUBLINGS = 6
+EXPLORE_BUDGET = 0.02  # exploring a drafter too costly to ask: at most this share of the time
 _CHEAP_DRAFT = 0.02  # a drafter costing < 2 % of c(1) per token drafts k_max and is truncated
 
 
@@ -252,6 +257,7 @@ class AdaptiveDrafter:
         self._last: tuple[int, int, list[int], list[float], bool] | None = None
         self._t_exit: float | None = None
         self._last_draft_time = 0.0
+        self._fresh = True  # inner has not been asked yet this generation (its cache is empty)
 
     # ------------------------------------------------------------------ learning from the past
     def _observe(self, context: torch.Tensor, now: float) -> None:
@@ -274,6 +280,9 @@ class AdaptiveDrafter:
             if explored:
                 doubled = min(self._explore_interval * 2, self.explore_every << _MAX_EXPLORE_DOUBLINGS)
                 self._explore_interval = self.explore_every if tau and not self._cost_bound else doubled
+                if self._cost_bound:  # its catch-up made this exploration dear: space them out
+                    budget = self._last_draft_time / (EXPLORE_BUDGET * self.costs.decode)
+                    self._explore_interval = max(self._explore_interval, math.ceil(budget))
         if self._t_exit is not None:
             gap = now - self._t_exit  # target forward + engine work of the last step
             kind = "spec" if tokens else "plain"
@@ -351,10 +360,16 @@ class AdaptiveDrafter:
             draft = self.inner.propose(context, k_max if cheap else max(k_past, 1), params, generator)
         else:
             skipped = True
-        self._record_draft_time(time.perf_counter() - t0, draft.num_tokens)
-        if not cheap and not skipped and k_max > 0:
-            dt = time.perf_counter() - t0
-            self._consult = dt if self._consult is None else 0.8 * self._consult + 0.2 * dt
+        dt = time.perf_counter() - t0
+        if self._fresh and not skipped and k_max > 0:
+            # the first consultation of a generation also feeds the whole prompt to a model
+            # drafter (a prefill): not what asking it costs later, so it is not learned from
+            self._fresh = False
+            self._last_draft_time = dt
+        else:
+            self._record_draft_time(dt, draft.num_tokens)
+            if not cheap and not skipped and k_max > 0:
+                self._consult = dt if self._consult is None else 0.8 * self._consult + 0.2 * dt
         n = draft.num_tokens
         if n == 0:
             k = 0

@@ -372,7 +372,10 @@ class Cell:
             name = "hierarchy:" + "+".join(
                 p if p in LOOKUP_LEVELS else f"{Path(p).stem}@{g}" for p, g in self.method.levels
             )
-        parts = [name, f"γ{self.gamma or 'auto'}"]
+        planned = self.method.kind == "hierarchy" and not self.method.levels
+        if planned:  # the planner's batch lengths (auto: those as the adaptive policy's bounds)
+            name = "hierarchy:plan"
+        parts = [name, "γplan" if planned and self.gamma else f"γ{self.gamma or 'auto'}"]
         if self.rule not in ("greedy", "hf"):
             parts.insert(1, self.rule)
         return "/".join(parts)
@@ -388,6 +391,10 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
                 continue
             fixed = [g for g in cfg.gammas if g] or [5]  # peers and SSD have no adaptive length
             gammas = fixed if m.hf or m.llama or m.kind == "ssd" else cfg.gammas
+            if m.kind == "hf-draft":  # except HF assisted generation: auto = its own defaults
+                gammas = cfg.gammas
+            if m.kind == "hierarchy" and not m.levels:  # planned: its own lengths, or auto over them
+                gammas = [g for g in cfg.gammas if not g][:1] + fixed[:1]
             for g in [m.ni] if m.kind == "hispec" else [m.tree[0]] if m.tree else gammas:
                 if t == 0:
                     cells.append(Cell(m, t, g, "greedy"))

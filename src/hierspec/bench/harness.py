@@ -25,7 +25,8 @@ Methods (method specs of `hierspec.methods`, built through its registry; the tar
 * ``hf-ngram`` -- HF transformers' own ``model.generate(prompt_lookup_num_tokens=gamma,
   max_matching_ngram_size=3)`` on the same underlying model (``HFModel.model``).
 * ``hf-draft:PATH`` -- HF assisted generation ``generate(assistant_model=..., num_assistant_tokens=
-  gamma, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0)``.
+  gamma, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0)``; at gamma
+  ``auto``, HF's own defaults (20 tokens, confidence threshold 0.4).
 
 HF runs pass ``top_k=0`` so HF's implicit ``top_k=50`` is not applied: both libraries sample from
 the same processed distribution (temperature, top-p). Rules (``token|block|hsd``) apply to hierspec

@@ -2,8 +2,10 @@
 underlying model, and llama.cpp's own loops on the same GGUF.
 
 * ``hf-ngram``: ``model.generate(prompt_lookup_num_tokens=gamma, max_matching_ngram_size=3)``;
-  ``hf-draft:MODEL``: assisted generation (``assistant_model=``, constant schedule, confidence
-  threshold 0); ``hf-early-exit:L``: HF's LayerSkip self-speculation. ``top_k=0`` so HF's implicit
+  ``hf-draft:MODEL``: assisted generation (``assistant_model=``, constant schedule of gamma,
+  confidence threshold 0; at gamma ``auto`` HF's own defaults: up to 20 tokens, stopping where the
+  assistant's confidence falls below a threshold that starts at 0.4 each call and adapts within
+  it); ``hf-early-exit:L``: HF's LayerSkip self-speculation. ``top_k=0`` so HF's implicit
   top-k 50 does not apply.
 * ``llama-ar``: llama-cpp-python's high-level ``Llama.generate`` loop (plain decoding);
   ``llama-pld``: the same loop with ``LlamaPromptLookupDecoding(num_pred_tokens=gamma)``. Both run
@@ -23,7 +25,11 @@ import torch
 from ..methods import hf_module
 from .config import HF_PLD_MAX_NGRAM, Cell
 
-__all__ = ["run_hf", "run_llama"]
+__all__ = ["HF_ASSISTED_DEFAULTS", "run_hf", "run_llama"]
+
+#: transformers' defaults for assisted generation (GenerationConfig): num_assistant_tokens and
+#: assistant_confidence_threshold (schedule "constant"); the hf-draft cell at gamma auto
+HF_ASSISTED_DEFAULTS = (20, 0.4)
 
 
 def _row(new: list[int], eos: int | None, t_call: float) -> dict:
@@ -65,14 +71,15 @@ def run_hf(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> 
         assistant = hf_module(runner.built(cell).options["assistant"])
         # HF reads these from the assistant's generation_config; pass them both ways
         gc = assistant.generation_config
-        gc.num_assistant_tokens = cell.gamma
+        gamma, threshold = (cell.gamma, 0.0) if cell.gamma else HF_ASSISTED_DEFAULTS
+        gc.num_assistant_tokens = gamma
         gc.num_assistant_tokens_schedule = "constant"
-        gc.assistant_confidence_threshold = 0.0
+        gc.assistant_confidence_threshold = threshold
         kw.update(
             assistant_model=assistant,
-            num_assistant_tokens=cell.gamma,
+            num_assistant_tokens=gamma,
             num_assistant_tokens_schedule="constant",
-            assistant_confidence_threshold=0.0,
+            assistant_confidence_threshold=threshold,
         )
     torch.manual_seed(seed)
     t0 = time.perf_counter()

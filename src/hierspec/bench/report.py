@@ -285,7 +285,8 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         "repeat, the same for every method)",
         "- HF peers on the same `HFModel.model`: `hf-ngram` = `generate(prompt_lookup_num_tokens=γ, "
         "max_matching_ngram_size=3)`; `hf-draft` = `generate(assistant_model=..., num_assistant_tokens=γ, "
-        'num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0)`; both with '
+        'num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0)`, at γ auto HF\'s '
+        "defaults (20 tokens, confidence threshold 0.4 adapted within each call); both with "
         "`top_k=0` (no implicit top-k 50)",
         "- order: warm-ups first; then for each prompt and repeat every cell in turn, the order "
         "rotated by one per prompt",

@@ -96,10 +96,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_ssd_arguments(g)
     c = sub.add_parser("calibrate", help="measure costs and pairwise acceptance for the planner")
-    c.add_argument("--levels", required=True, help="draft models, cheapest first (the target is added)")
+    c.add_argument("--levels", required=True, help="ngram/suffix, then draft models (the target is added)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
-    c.add_argument("--set", default="chat", help="prompt set (code, chat, prose, specbench:PATH)")
-    c.add_argument("--n", type=int, default=8, help="calibration prompts")
+    c.add_argument(
+        "--set", default="chat", help="prompt sets, comma-separated (code, chat, prose, specbench:P)"
+    )
+    c.add_argument("--n", type=int, default=8, help="calibration prompts per set")
     c.add_argument("--new-tokens", type=int, default=64, help="target-sampled tokens per prompt")
     c.add_argument("--temperature", type=float, default=1.0)
     _add_model_arguments(c, BACKENDS)

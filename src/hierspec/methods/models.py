@@ -66,12 +66,17 @@ class ModelSet:
 
     target: LanguageModel
     tokenizer: Any = None
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # of drafts and heads loaded here; None: the target's (torch)
     backend: str = "torch"
     drafts: dict[str, Any] = field(default_factory=dict)
     heads: dict[int, Any] = field(default_factory=dict)
     eagles: dict[str | None, Any] = field(default_factory=dict)
     name: str | None = None  # the target's catalogue name, when it has one
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            own = getattr(self.target, "dtype", None) if self.backend == "torch" else None
+            self.dtype = own if isinstance(own, torch.dtype) else torch.float32
 
     @property
     def hf(self) -> torch.nn.Module | None:

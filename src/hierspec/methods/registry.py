@@ -19,11 +19,13 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..drafters import NgramDrafter
 from ..drafters.model import ModelDrafter
 from ..engine import GenerationResult, generate
+from ..models.base import LanguageModel
 from .models import ModelSet
 from .spec import AUTO_K_MAX, LOOKUP_LEVELS, SSD_OPTIONS, MethodError, MethodSpec, check_model_ref, ints
 
@@ -34,6 +36,7 @@ __all__ = [
     "Built",
     "Entry",
     "build_method",
+    "lookup_drafter",
     "needs",
     "parse_method",
 ]
@@ -111,7 +114,8 @@ def _build_plain(spec: MethodSpec, models: ModelSet, rule: str, gamma: int) -> B
     return Built(spec, models.target, None, 1)
 
 
-def _lookup_drafter(kind: str) -> Any:
+def lookup_drafter(kind: str) -> Any:
+    """A fresh model-free drafter: ``suffix`` (suffix decoding) or ``ngram`` (prompt lookup)."""
     if kind == "suffix":
         from ..drafters.suffix import SuffixDrafter
 
@@ -120,7 +124,7 @@ def _lookup_drafter(kind: str) -> Any:
 
 
 def _build_lookup(spec: MethodSpec, models: ModelSet, rule: str, gamma: int) -> Built:
-    return Built(spec, models.target, _lookup_drafter(spec.kind), gamma)
+    return Built(spec, models.target, lookup_drafter(spec.kind), gamma)
 
 
 # ----------------------------------------------------------------------------- draft models
@@ -130,7 +134,15 @@ def _build_draft(spec: MethodSpec, models: ModelSet, rule: str, gamma: int) -> B
 
 def _parse_hierarchy(text: str, arg: str | None) -> MethodSpec:
     if not arg:
-        return MethodSpec(text, "hierarchy")  # the planner's stack
+        return MethodSpec(text, "hierarchy")  # the planner's stack from the shipped calibration
+    if arg.startswith("plan="):
+        path = arg.removeprefix("plan=")
+        if not os.path.isfile(path):
+            raise MethodError(
+                f"method {text!r}: calibration file {path!r} does not exist (write one with "
+                "`hierspec calibrate --model ... --levels ... --out FILE`)"
+            )
+        return MethodSpec(text, "hierarchy", calibration=path)
     levels = []
     for i, part in enumerate(x for x in arg.split("+") if x):
         ref, _, g = part.rpartition("@") if "@" in part else (part, "", "")
@@ -145,51 +157,79 @@ def _parse_hierarchy(text: str, arg: str | None) -> MethodSpec:
     return MethodSpec(text, "hierarchy", levels=tuple(levels))
 
 
-def planned_stack(dtype: str = "float32") -> tuple[tuple[tuple[str, int], ...], int, Any]:
-    """The planner's fastest stack of the shipped drafts from the shipped calibration: (levels
-    bottom first with the gamma each level's own drafter proposes, the target's gamma, the Plan).
+def planned_stack(
+    calibration: str | Path, models: Sequence[LanguageModel] | None = None
+) -> tuple[tuple[tuple[str, int], ...], int, Any]:
+    """The planner's fastest configuration from a calibration file (`hierspec calibrate`):
+    (levels bottom first with the gamma each level's own drafter proposes, the target's gamma,
+    the Plan). With ``models`` (the calibrated models, target last) the file must have been made
+    for exactly them. No levels means the target alone is fastest on the calibrating host.
 
     A chain m_0 -> m_1 -> ... -> target with batch lengths n_0, n_1, ... becomes levels m_0,
     m_1, ... where level m_{i+1} drafts n_i tokens per step with level m_i (the bottom samples
     plainly) and the target verifies the last batch length."""
     from ..calibrate import Calibration
-    from ..models import shipped
     from ..planner import plan
 
-    path = shipped.calibration_path(dtype)
-    cal = Calibration.load(path)
-    ranked = [pl for pl in plan(cal.alpha_matrix(), cal.cost, n_max=8, top=5) if len(pl.chain) > 1]
-    if not ranked:
-        raise MethodError(f"the shipped calibration {path} plans no stack with a draft")
-    best = ranked[0]
+    cal = Calibration.load(calibration, models)
+    lookups = [i for i, name in enumerate(cal.names) if name in LOOKUP_LEVELS]  # propose, never verify
+    best = plan(cal.alpha_matrix(), cal.cost, n_max=AUTO_K_MAX, top=1, bottom_only=lookups)[0]
+    if len(best.chain) == 1:
+        return (), 1, best
     names = [cal.names[i] for i in best.chain[:-1]]
     gammas = [1, *best.batches[:-1]]  # the bottom level has no drafter: its gamma is unused
     return tuple(zip(names, gammas, strict=True)), best.batches[-1], best
+
+
+def _planned_levels(spec: MethodSpec, models: ModelSet) -> tuple[tuple[tuple[str, int], ...], int, str]:
+    """The planned stack for ``spec`` (its calibration file, else the shipped SmolLM2 one) and
+    the note that tells the user what the planner chose and predicts."""
+    from ..calibrate import Calibration
+    from ..models import shipped
+
+    if spec.calibration is None:
+        if models.name not in (None, "smollm2-135m"):
+            raise MethodError(
+                f"method {spec.name!r}: the shipped calibration is for the embedded SmolLM2 only; "
+                "calibrate this family (`hierspec calibrate --model ... --levels DRAFT,... --out CAL.json`) "
+                "and run hierarchy:plan=CAL.json, or give the levels (e.g. hierarchy:ngram+DRAFT@3)"
+            )
+        dtype = "bfloat16" if "bfloat16" in str(models.dtype) else "float32"
+        path: str | Path = shipped.calibration_path(dtype)
+        calibrated = None
+    else:
+        path = spec.calibration
+        try:
+            names = Calibration.load(path).names
+            drafters = [lookup_drafter(n) if n in LOOKUP_LEVELS else models.draft(n) for n in names[:-1]]
+            calibrated = [*drafters, models.target]
+        except ValueError as err:
+            raise MethodError(f"method {spec.name!r}: {err}") from None
+    try:
+        levels, gamma, best = planned_stack(path, calibrated)
+    except ValueError as err:
+        raise MethodError(f"method {spec.name!r}: {err}") from None
+    if not levels:
+        note = f"the planner ({path}) predicts the target alone is fastest (no draft pays); decoding plainly"
+    else:
+        note = (
+            f"planned stack {' -> '.join(n for n, _ in levels)} -> target, batch lengths "
+            f"{','.join(map(str, best.batches))}, predicted {1e3 * best.latency:.1f} ms/token = "
+            f"{best.speedup:.2f}x ({path})"
+        )
+    return levels, gamma, f"hierarchy: {note}"
 
 
 def _build_hierarchy(spec: MethodSpec, models: ModelSet, rule: str, gamma: int) -> Built:
     from ..hierarchy import SpeculativeDrafter
 
     levels, note = spec.levels, None
-    if not levels and models.name not in (None, "smollm2-135m"):
-        raise MethodError(
-            f"method {spec.name!r}: the planned stack is calibrated for the embedded SmolLM2 only; give "
-            "the levels (e.g. hierarchy:ngram+DRAFT@3) or calibrate this family with `hierspec calibrate "
-            "--model ... --levels ...` and rank stacks with `hierspec plan`"
-        )
     if not levels:
-        dtype = "bfloat16" if "bfloat16" in str(models.dtype) else "float32"
-        levels, gamma, best = planned_stack(dtype)
-        slow = "" if best.speedup >= 1 else " (slower than the target alone with the shipped drafts)"
-        note = (
-            f"hierarchy: planned stack {' -> '.join(n for n, _ in levels)} -> target, batch lengths "
-            f"{','.join(map(str, best.batches))}, predicted {1e3 * best.latency:.1f} ms/token = "
-            f"{best.speedup:.2f}x{slow}"
-        )
+        levels, gamma, note = _planned_levels(spec, models)
     drafter = None
     for ref, g in levels:
         if ref in LOOKUP_LEVELS:
-            drafter = _lookup_drafter(ref)
+            drafter = lookup_drafter(ref)
         else:  # every level verifies with the run's rule (greedy at temperature 0)
             drafter = SpeculativeDrafter(models.draft(ref), drafter, rule=rule, gamma=g)
     return Built(spec, models.target, drafter, gamma, note=note)
@@ -363,8 +403,8 @@ ENTRIES: dict[str, Entry] = {
         Entry("draft", "draft:MODEL", "a draft model", lambda t, a: _model_arg(t, a, "draft"), _build_draft),
         Entry(
             "hierarchy",
-            "hierarchy[:LEVEL+LEVEL+...] (bottom first; LEVEL = ngram | suffix | MODEL[@GAMMA])",
-            "a stack of drafters (Mohri et al.); no levels: the planner's stack",
+            "hierarchy[:LEVEL+LEVEL+... | :plan=CAL.json] (bottom first; LEVEL = ngram|suffix|MODEL[@GAMMA])",
+            "a stack of drafters (Mohri et al.); plan=FILE or no levels: the planner's stack",
             _parse_hierarchy,
             _build_hierarchy,
         ),

@@ -5,7 +5,8 @@
     ar | ngram | suffix                          no argument
     draft:MODEL                                  MODEL = a catalogue or shipped name, or a path
     hierarchy[:LEVEL+LEVEL+...]                  bottom first; LEVEL = ngram | suffix | MODEL[@GAMMA]
-                                                 (no levels: the planner's stack)
+    hierarchy:plan=FILE                          the planner's stack from a `hierspec calibrate` file
+                                                 (no argument: from the shipped SmolLM2 calibration)
     early-exit[:EXIT]   hispec[:EXIT/EXIT[/Nd/Ni]]   EXIT = L | L=HEADFILE
     eagle[:HEAD]        eagle-tree[:D/K/B[:HEAD]]
     ssd:MODEL[/KEY=VALUE...]                     speculative speculative decoding options
@@ -40,6 +41,7 @@ class MethodSpec:
     kind: str
     path: str | None = None  # draft model (draft, hf-draft, ssd): a name or a path
     levels: tuple[tuple[str, int], ...] = ()  # hierarchy: (ngram | suffix | model, gamma), bottom first
+    calibration: str | None = None  # hierarchy:plan=FILE: the planner's stack from this calibration
     exits: tuple[int, ...] = ()  # early-exit: (L_d,); hispec: (L_d, L_i); hf-early-exit: (L,)
     nd: int = 2  # hispec: draft tokens per draft step
     ni: int = 4  # hispec: buffered tokens per full pass (its gamma)

@@ -2,8 +2,8 @@
 SSD over two processes, in real mode and in emulated-latency mode, with the cost model's
 prediction next to the measurement.
 
-    python -m hierspec.ssd.bench [--emulate-ms 0 20] [--new-tokens 64] [--temperature 0 0.7]
-    python -m hierspec.ssd.bench --smollm small [--prompts 3] ...   (SmolLM2 + a shipped draft)
+    python -m hierspec.bench.ssd [--emulate-ms 0 20] [--new-tokens 64] [--temperature 0 0.7]
+    python -m hierspec.bench.ssd --smollm small [--prompts 3] ...   (SmolLM2 + a shipped draft)
 
 Emulated mode adds the same sleep after every target verification in every method (`SlowTarget`
 for AR/SD, ``emulate_verify_ms`` for SSD), mimicking a target whose verification dwarfs
@@ -23,8 +23,8 @@ from ..drafters import ModelDrafter
 from ..engine import generate
 from ..models import make_tiny_pair
 from ..sampling import SamplingParams
-from .draft_spec import DraftSpec
-from .session import SSDSession
+from ..ssd.draft_spec import DraftSpec
+from ..ssd.session import SSDSession
 
 
 class SlowTarget:
@@ -114,8 +114,8 @@ def run_smollm(
     Same total hardware: AR and synchronous SD run first with ``threads`` torch threads (both
     cores); SSD runs the verifier on one core and the speculator on the other (one thread each).
     """
-    from ..bench.prompts import load_prompt_set
     from ..models import load_draft, load_smollm2, shipped
+    from .prompts import load_prompt_set
 
     path = str(shipped.draft_path(draft_name)) if draft_name in shipped.DRAFTS else draft_name
     target, tok = load_smollm2(torch.float32)
@@ -171,7 +171,7 @@ def run_smollm(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hierspec.ssd.bench")
+    ap = argparse.ArgumentParser(prog="python -m hierspec.bench.ssd")
     ap.add_argument(
         "--smollm", metavar="DRAFT", default=None, help="SmolLM2 target with this shipped draft name or path"
     )
