@@ -372,8 +372,8 @@ def test_quick_preset_and_overrides(tmp_path):
 
 
 def test_planned_hierarchy_and_hf_assisted_cells(tmp_path):
-    """The planned stack runs once at its own lengths (γplan) and once adaptive; HF assisted
-    generation also runs at γ auto (its own defaults), prompt lookup only at fixed lengths."""
+    """The planned stack runs once, at its planner's lengths (γplan); HF assisted generation also
+    runs at γ auto (its own defaults), prompt lookup only at fixed lengths."""
     cal = tmp_path / "cal.json"
     cal.write_text("{}")
     methods = f"hierarchy:plan={cal},hf-draft:{tmp_path},hf-ngram"
@@ -384,7 +384,6 @@ def test_planned_hierarchy_and_hf_assisted_cells(tmp_path):
     name = tmp_path.name
     assert labels == [
         "ar",
-        "hierarchy:plan/γauto",
         "hierarchy:plan/γplan",
         f"hf-draft:{name}/γauto",
         f"hf-draft:{name}/γ3",

@@ -168,6 +168,8 @@ def test_planned_hierarchy_from_a_calibration_file(pair, tmp_path, capsys):
     assert isinstance(built.drafter, SpeculativeDrafter) and built.drafter.model is models.draft(path)
     assert built.gamma > 1 and "planned stack" in built.note
     assert built.generate(ids, **kw).token_ids == ref
+    auto = build_method(f"hierarchy:plan={cheap}", models, gamma=0)  # auto: the planner's lengths
+    assert isinstance(auto.drafter, SpeculativeDrafter) and auto.gamma == built.gamma
     assert main(["plan", "--calibration", cheap]) == 0
     assert f"--method draft:{path} --gamma {built.gamma}" in capsys.readouterr().out
 

@@ -373,9 +373,9 @@ class Cell:
                 p if p in LOOKUP_LEVELS else f"{Path(p).stem}@{g}" for p, g in self.method.levels
             )
         planned = self.method.kind == "hierarchy" and not self.method.levels
-        if planned:  # the planner's batch lengths (auto: those as the adaptive policy's bounds)
+        if planned:  # the planner's batch lengths, whatever gamma says
             name = "hierarchy:plan"
-        parts = [name, "γplan" if planned and self.gamma else f"γ{self.gamma or 'auto'}"]
+        parts = [name, "γplan" if planned else f"γ{self.gamma or 'auto'}"]
         if self.rule not in ("greedy", "hf"):
             parts.insert(1, self.rule)
         return "/".join(parts)
@@ -393,8 +393,8 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
             gammas = fixed if m.hf or m.llama or m.kind == "ssd" else cfg.gammas
             if m.kind == "hf-draft":  # except HF assisted generation: auto = its own defaults
                 gammas = cfg.gammas
-            if m.kind == "hierarchy" and not m.levels:  # planned: its own lengths, or auto over them
-                gammas = [g for g in cfg.gammas if not g][:1] + fixed[:1]
+            if m.kind == "hierarchy" and not m.levels:  # planned: the planner's lengths (also at auto)
+                gammas = fixed[:1]
             for g in [m.ni] if m.kind == "hispec" else [m.tree[0]] if m.tree else gammas:
                 if t == 0:
                     cells.append(Cell(m, t, g, "greedy"))

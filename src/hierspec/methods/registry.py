@@ -545,7 +545,8 @@ def build_method(spec: MethodSpec | str, models: ModelSet, *, rule: str = "block
     block size, e.g. HiSpec's N_i or a tree's depth, override it). ``gamma=0`` (``auto``) wraps
     the drafter in `hierspec.policy.AdaptiveDrafter` over the target's measured cost curve
     (`hierspec.costs.cost_curve`, cached per host), drafting 0..AUTO_K_MAX tokens per step; the
-    self-speculators (early exit, HiSpec) keep a fixed length there (`SELF_SPECULATION_GAMMA`)."""
+    self-speculators (early exit, HiSpec) keep a fixed length there (`SELF_SPECULATION_GAMMA`),
+    and a planned hierarchy the lengths its planner chose from the measured costs."""
     if isinstance(spec, str):
         spec = parse_method(spec)
     check_runnable(spec, models.backend)
@@ -553,6 +554,8 @@ def build_method(spec: MethodSpec | str, models: ModelSet, *, rule: str = "block
         return ENTRIES[spec.kind].build(spec, models, rule, gamma)
     if spec.kind in SELF_SPECULATORS:  # their own loop and block size: a fixed length
         return ENTRIES[spec.kind].build(spec, models, rule, SELF_SPECULATION_GAMMA)
+    if spec.kind == "hierarchy" and not spec.levels:  # planned: lengths already chosen from costs
+        return ENTRIES[spec.kind].build(spec, models, rule, AUTO_K_MAX)
     built = ENTRIES[spec.kind].build(spec, models, rule, AUTO_K_MAX)
     if built.drafter is not None and built.tree is None and ENTRIES[spec.kind].runner == "engine":
         from ..costs import cost_curve
