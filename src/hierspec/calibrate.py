@@ -15,8 +15,10 @@ prompt are correlated).
 Lookup levels (n-gram, suffix) take part as the cheapest models: their proposal is a point mass
 q = delta_x (or nothing), so alpha_ij = E[p_j(x)] (0 where they propose nothing) and, between two
 lookups, the rate at which they propose the same token; their cost is the time of a `propose`
-call. The planner's i.i.d. model under-rates them (their acceptances come in runs) but lets it
-weigh n-gram -> draft -> target stacks against the rest.
+call. That lets the planner weigh n-gram -> draft -> target stacks against the rest, but its
+i.i.d. model sees neither that lookup acceptances come in runs nor the draft's catch-up forwards:
+on the 2-core CPU host of 2026-12-01 such stacks measured 27-40 % slower than predicted (README,
+"Measured on this host"), so check a plan with `hierspec bench` before trusting it.
 
 The result is a JSON file naming the models (name, vocabulary size, parameter fingerprint), so a
 calibration cannot be applied to another model set by mistake (`load`).
