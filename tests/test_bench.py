@@ -631,3 +631,164 @@ def test_run_bench_eagle_chain_and_tree(tmp_path):
         harness.parse_method("eagle:/nonexistent.safetensors")
     with pytest.raises(BenchError, match="eagle-tree"):
         harness.parse_method(f"eagle-tree:3/0/6:{path}")
+
+
+# ------------------------------------------------------------------------------ long prompts
+@pytest.mark.smollm
+def test_llama_peers_past_n_batch_and_at_the_context_end(tmp_path):
+    """llama-cpp-python's loops on a prompt longer than n_batch that leaves room for fewer tokens
+    than asked (a small context and batch stand in for a long prompt, to keep the test short):
+    llama-pld used to die in `Llama.eval` ("could not broadcast input array from shape (n*V,) into
+    shape (0,)"); both now stop at the target's context end (200, which llama.cpp pads to 256), as
+    hierspec AR does, with the same tokens. Every prompt of the long set has 700-1500 tokens."""
+    pytest.importorskip("llama_cpp")
+    from hierspec.bench.peers import llama_room
+    from hierspec.models.catalog import resolve_model
+    from hierspec.models.llamacpp import LlamaCppModel
+    from hierspec.models.open import load_gguf_tokenizer
+    from hierspec.prompts import encode_prompt
+
+    path = resolve_model("smollm2-135m").path
+    target, tok = LlamaCppModel(path, n_ctx=200, n_batch=64), load_gguf_tokenizer(path)
+    long = [encode_prompt(tok, p) for p in harness.load_prompts(BenchConfig(out=tmp_path, sets=["long"]))]
+    assert len(long) >= 4 and all(700 <= len(x) <= 1500 for x in long), [len(x) for x in long]
+    peers = [MethodSpec("llama-ar", "llama-ar"), MethodSpec("llama-pld", "llama-pld")]
+    cfg = BenchConfig(out=tmp_path, methods=peers, temperatures=[0.0], gammas=[3])
+    runner = harness.Runner(cfg, target, tok.eos_token_id, {})
+    ids = long[0][:197]  # room for 3 new tokens, 133 past n_batch
+    rows = {}
+    for cell in harness.plan_cells(cfg):
+        rows[cell.method.kind] = row = runner.run(cell, ids, 0, 8, False)
+        assert row["new_tokens"] == 3 and row["finish_reason"] == "length", cell.label
+    assert rows["llama-pld"]["token_ids"] == rows["llama-ar"]["token_ids"]
+    runner.close()
+    assert llama_room(1024, 1000, 8) == 8 and llama_room(1024, 1020, 8) == 4
+    with pytest.raises(ValueError, match="prompt of 1024 tokens fills"):
+        llama_room(1024, 1024, 8)
+
+
+@pytest.mark.smollm
+def test_bench_smoke_long_prompts_with_peers(tmp_path, capsys):
+    """The bench end to end on the real SmolLM2 GGUF with the long set (a 700-1500-token
+    summarization prompt): hierspec and llama.cpp peers all finish, greedy rows equal AR's."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "out"
+    argv = ["bench", "--out", str(out), "--sets", "long", "--n", "1", "--backend", "llama.cpp"]
+    argv += ["--methods", "ar,ngram,llama-ar,llama-pld", "--temperatures", "0", "--gammas", "3"]
+    argv += ["--max-new-tokens", "4", "--warmup", "0", "--no-progress"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert not res["errors"] and res["failed"] is None
+    rows = res["rows"]
+    assert sorted(r["label"] for r in rows) == ["ar", "llama-ar", "llama-pld/γ3", "ngram/γ3"]
+    assert all(700 <= r["prompt_tokens"] <= 1500 and r["category"] == "summarization" for r in rows)
+    assert all(r["new_tokens"] == 4 or r["finish_reason"] == "eos" for r in rows)
+    assert all(r["identical_to_ar"] for r in rows if r["kind"] != "ar")
+
+
+# ------------------------------------------------------------------------------ failures
+def _tiny_bench_argv(out: Path, sb: Path, *extra: str) -> list[str]:
+    argv = ["bench", "--out", str(out), "--sets", f"specbench:{sb}", "--methods", "ar,ngram"]
+    argv += ["--temperatures", "0", "--gammas", "2", "--max-new-tokens", "4", "--no-progress"]
+    return [*argv, "--backend", "torch", *extra]
+
+
+def _fail_on_call(monkeypatch, k: int) -> None:
+    """Runner.run raises on its k-th call (counting from 1)."""
+    run, calls = harness.Runner.run, []
+
+    def flaky(self, cell, *a, **kw):
+        calls.append(cell.label)
+        if len(calls) == k:
+            raise RuntimeError("boom\nsecond line")
+        return run(self, cell, *a, **kw)
+
+    monkeypatch.setattr(harness.Runner, "run", flaky)
+
+
+def test_failed_run_writes_finished_runs(tmp_path, capsys, monkeypatch):
+    """--on-error raise: a generation that fails after others finished: exit status 1, one line
+    on stderr naming the cell, the prompt and results.json, which holds the finished rows and the
+    failure (with its traceback); report.md says the run was stopped."""
+    target, _ = make_tiny_pair(vocab_size=64, seed=1, dtype=torch.float32, max_length=256)
+    monkeypatch.setattr("hierspec.models.load_smollm2", lambda dtype: (target, FakeTokenizer(64)))
+    _fail_on_call(monkeypatch, 4)  # warm-up ar, warm-up ngram, then timed: ar ok, ngram fails
+    out = tmp_path / "out"
+    sb = write_specbench(tmp_path / "q.jsonl")
+    assert cli.main(_tiny_bench_argv(out, sb, "--warmup", "1")) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err[-1].startswith("hierspec: error: ngram/γ2 on prompt 1 failed (generate): RuntimeError: boom;")
+    assert f"wrote the 1 finished runs and the failure to {out / 'results.json'}" in err[-1]
+    assert not any("Traceback" in x for x in err)
+    res = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in res["rows"]] == ["ar"] and res["interrupted"] is False
+    failed = res["failed"]
+    assert failed["label"] == "ngram/γ2" and failed["prompt_id"] == "1" and failed["stage"] == "generate"
+    assert failed["error"] == "RuntimeError: boom\nsecond line" and "Traceback" in failed["traceback"]
+    md = (out / "report.md").read_text()
+    assert "**Stopped by an error** (generate of `ngram/γ2` on prompt 1)" in md
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_failed_warmup_writes_results_and_skip_goes_on(tmp_path, capsys, monkeypatch):
+    """A failing warm-up: with raise, results.json records it (no runs finished); with skip, the
+    warm-up failure is recorded and every timed run still happens."""
+    target, _ = make_tiny_pair(vocab_size=64, seed=1, dtype=torch.float32, max_length=256)
+    monkeypatch.setattr("hierspec.models.load_smollm2", lambda dtype: (target, FakeTokenizer(64)))
+    sb = write_specbench(tmp_path / "q.jsonl")
+    _fail_on_call(monkeypatch, 1)
+    out = tmp_path / "raise"
+    assert cli.main(_tiny_bench_argv(out, sb, "--warmup", "1", "--n", "1")) == 1
+    assert "ar on prompt 1 failed (warmup)" in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert res["rows"] == [] and res["failed"]["stage"] == "warmup"
+    _fail_on_call(monkeypatch, 1)
+    out = tmp_path / "skip"
+    assert cli.main(_tiny_bench_argv(out, sb, "--warmup", "1", "--on-error", "skip")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["rows"]) == 4 * 2 and res["failed"] is None
+    assert [(e["stage"], e["label"]) for e in res["errors"]] == [("warmup", "ar")]
+
+
+def test_run_bench_error_carries_finished_rows(tmp_path, monkeypatch):
+    """The library API: the original exception propagates, with the finished rows attached."""
+    target, _ = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float32, max_length=64)
+    _fail_on_call(monkeypatch, 2)
+    cfg = BenchConfig(out=tmp_path, temperatures=[0.0], gammas=[2], max_new_tokens=4, warmup=0)
+    prompt = harness.Prompt(id="p", category="c", text="abcabc", chat=False)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        run_bench(cfg, target, FakeTokenizer(32), [prompt], progress=False)
+    res = info.value.bench_results
+    assert len(res["rows"]) == 1 and res["failed"]["label"] == "ngram/γ2"
+
+
+def test_seeds_are_non_negative_and_warmups_distinct(tmp_path):
+    cfg = BenchConfig(out=tmp_path, repeats=2, warmup=3)
+    timed = {harness._seed(cfg, i, r) for i in range(5) for r in range(2)}
+    warm = {harness._seed(cfg, 0, -1 - w) for w in range(3)}
+    assert min(timed | warm) >= 0 and len(warm) == 3 and not timed & warm
+    assert harness._seed(cfg, 1, 0) == 1  # timed seeds unchanged
+
+
+def test_prompt_longer_than_a_draft_context(tmp_path, capsys):
+    """A prompt that fits the target but not a draft: BenchError before any run (raise), or the
+    prompt skipped for every method with a note (skip)."""
+    target, _ = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float32, max_length=256)
+    _, draft = make_tiny_pair(vocab_size=32, seed=3, dtype=torch.float32, max_length=16)
+    path = str(tmp_path)
+    methods = [MethodSpec("ar", "ar"), MethodSpec(f"draft:{path}", "draft", path)]
+    cfg = BenchConfig(
+        out=tmp_path, methods=methods, temperatures=[0.0], gammas=[2], max_new_tokens=4, warmup=0
+    )
+    prompts = [
+        harness.Prompt(id=i, category="c", text=t, chat=False) for i, t in (("a", "x" * 20), ("b", "y" * 8))
+    ]
+    with pytest.raises(
+        BenchError,
+        match=f"prompt a \\(c\\): 20 tokens exceed the context of the draft {path} \\(16 tokens\\)",
+    ):
+        run_bench(cfg, target, FakeTokenizer(32), prompts, drafts={path: draft}, progress=False)
+    cfg.on_error = "skip"
+    res = run_bench(cfg, target, FakeTokenizer(32), prompts, drafts={path: draft}, progress=False)
+    assert {r["prompt_id"] for r in res["rows"]} == {"b"} and res["errors"][0]["prompt_id"] == "a"
+    assert "skipping prompt a" in capsys.readouterr().err

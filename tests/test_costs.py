@@ -1,16 +1,19 @@
-"""Cost curves: interpolation, measurement, the host-keyed cache (other host / model re-measured,
-damaged file warned about and re-measured), drift. No timing assertions."""
+"""Cost curves: interpolation, measurement (interleaved, spread- and shape-checked, noisy sizes
+re-measured, untrusted curves never cached), the host-keyed cache (other host / model / version
+re-measured, damaged or implausible file warned about and re-measured). No timing assertions:
+the noisy-host tests run a fake model on a fake clock."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 import torch
 
 import hierspec.costs as costs
-from hierspec.costs import CostCurve, DriftTracker, cache_file, cost_curve, cost_key, measure_cost_curve
+from hierspec.costs import CostCurve, cache_file, cost_curve, cost_key, measure_cost_curve, spread, summarise
 from hierspec.models import make_tiny_pair
 
 
@@ -133,12 +136,112 @@ def test_key_names_what_changes_costs(model):
     assert key["backend"].endswith("TinyGPT") and key["model"].startswith("params:")
 
 
-def test_drift_tracker():
-    d = DriftTracker(tol=0.25, min_obs=5, weight=0.5)
-    assert all(d.observe(1.0, 1.1) is None for _ in range(20))  # within tolerance
-    out = [d.observe(1.0, 2.0) for _ in range(10)]
-    r = next(x for x in out if x is not None)
-    assert r > 1.25
-    assert d.observe(0.0, 1.0) is None
-    with pytest.raises(ValueError, match="drift"):
-        DriftTracker(tol=0)
+# ------------------------------------------------------------------- a noisy host
+MS = 1e-3
+TRUE_MS = {1: 12, 2: 22, 3: 34, 4: 37, 6: 53, 8: 69}  # llama.cpp SmolLM2 on this host (issue #27)
+
+
+class FakeTimedModel:
+    """A model whose forward of n tokens advances a fake clock by TRUE_MS[n] times the host's
+    load factor at that moment (``load(t)``); records the sizes in call order."""
+
+    vocab_size, max_length = 16, 512
+
+    def __init__(self, load):
+        self.t, self.load, self.calls = 0.0, load, []
+
+    def clock(self):
+        return self.t
+
+    def reset(self):
+        pass
+
+    def crop(self, n):
+        pass
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        if n in TRUE_MS:
+            self.calls.append(n)
+            self.t += TRUE_MS[n] * MS * self.load(self.t)
+
+
+def burst(start, end, factor=20.0):
+    return lambda t: factor if start <= t < end else 1.0
+
+
+def test_measurement_is_interleaved():
+    m = FakeTimedModel(lambda t: 1.0)
+    measure_cost_curve(m, sizes=(1, 2, 4), budget_s=0.01, clock=m.clock)
+    timed = m.calls[3:]  # after the warm-up round
+    for r in range(0, len(timed) - 3, 3):
+        assert sorted(timed[r : r + 3]) == [1, 2, 4]  # every round times every size once
+    assert timed[:3] != timed[3:6]  # in a rotated order
+
+
+def test_quiet_host_curve_is_trusted_and_exact():
+    m = FakeTimedModel(lambda t: 1.0)
+    c = measure_cost_curve(m, clock=m.clock)
+    assert c.trusted and c.seconds == pytest.approx([TRUE_MS[n] * MS for n in c.sizes])
+
+
+def test_burst_is_remeasured_and_the_curve_heals():
+    """A load burst (20x) from the second size's repeats on: measured size after size (the old
+    way) it poisons the shape of the curve with tight repeats (issue #27); interleaved, it makes
+    repeats disagree or the shape implausible, the failing sizes are measured again after it,
+    and the curve comes out right and trusted."""
+    m = FakeTimedModel(burst(0.35, 1.5))
+    c = measure_cost_curve(m, clock=m.clock)
+    assert c.trusted
+    assert c.seconds == pytest.approx([TRUE_MS[n] * MS for n in c.sizes], rel=0.05)
+
+
+def test_noisy_measurement_is_not_persisted(monkeypatch, tmp_path, caplog):
+    """A host loaded on and off throughout (every other 50 ms at 20x): the curve is used, marked
+    untrusted, said once, and never written to the cache, so the next run measures again."""
+    monkeypatch.setenv("HIERSPEC_CACHE", str(tmp_path))
+    m = FakeTimedModel(lambda t: 20.0 if int(t / 0.05) % 2 else 1.0)
+    monkeypatch.setattr(time, "perf_counter", m.clock)  # the default clock of the measurement
+    monkeypatch.setattr(costs, "cost_key", lambda model: {"version": costs.CACHE_VERSION, "model": "fake"})
+    with caplog.at_level(logging.WARNING):
+        c = cost_curve(m)
+    assert not c.trusted
+    assert not cache_file(costs.cost_key(m)).exists()
+    assert sum("busy host" in r.getMessage() for r in caplog.records) == 1
+    calls = len(m.calls)
+    cost_curve(m)
+    assert len(m.calls) > calls  # measured again
+
+
+def test_spread_and_summary():
+    assert spread([1.0, 1.0, 1.0]) == 0.0 and spread([1.0, 2.0]) == float("inf")
+    assert spread([1.0, 1.1, 1.0, 3.0, 1.05]) > 0.05
+    sizes = (1, 2, 4)
+    good, bad = summarise(sizes, [[1.0] * 5, [1.8] * 5, [3.0] * 5])
+    assert good.trusted and bad == [] and good.seconds == (1.0, 1.8, 3.0)
+    poisoned, bad = summarise(sizes, [[1.0] * 5, [1.0] * 5, [30.0] * 5])  # tight but implausible
+    assert not poisoned.trusted and bad == [2]
+    _, bad = summarise(sizes, [[1.0, 1.0, 5.0, 9.0, 1.0], [1.8] * 5, [3.0] * 5])
+    assert bad == [0]
+
+
+def test_implausible_cached_curve_is_remeasured(model, counted, caplog):
+    cost_curve(model)
+    path = cache_file(cost_key(model))
+    obj = json.loads(path.read_text())
+    obj["curve"]["seconds"] = [0.027, 0.092, 0.092, 0.745, 1.216, 1.216]  # issue #27's curve
+    path.write_text(json.dumps(obj))
+    with caplog.at_level(logging.WARNING):
+        c = cost_curve(model)
+    assert len(counted) == 2 and c.seconds[0] == 1.0
+
+
+def test_older_cache_version_is_remeasured(model, counted, monkeypatch):
+    """A file written before the spread check (an older CACHE_VERSION) is not used."""
+    with monkeypatch.context() as m:
+        m.setattr(costs, "CACHE_VERSION", costs.CACHE_VERSION - 1)
+        cost_curve(model)
+        cost_curve(model)
+    assert len(counted) == 1
+    cost_curve(model)
+    assert len(counted) == 2

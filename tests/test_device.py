@@ -22,8 +22,9 @@ from hierspec.engine import generate
 from hierspec.hierarchy import SpeculativeDrafter
 from hierspec.models import TinyGPT, TinyGPTConfig
 from hierspec.models.base import ForwardOutput, LanguageModel, TreeModel, tree_support
+from hierspec.rng import Streams
 from hierspec.sampling import SamplingParams, check_generator, make_generators, uniforms
-from hierspec.step import speculative_step
+from hierspec.step import StepContext, speculative_step
 from hierspec.verify import get_rule
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -62,20 +63,19 @@ class Recorder:
     def reset(self):
         self.inner.reset()
 
-    def cost_per_forward(self, n):
-        return None
-
 
 def recording_rule(name, seen):
     rule = get_rule(name)
 
-    def call(x, q, rows, g, validate=False):
+    def call(x, q, rows, g, validate=False, uniforms=None):
         seen.append(("draft_tokens", x.device))
         seen.append(("target_rows", rows.device))
         if q is not None:
             seen.append(("draft_probs", q.device))
+        if uniforms is not None:
+            seen.append(("uniforms", uniforms.device))
         seen.append(("generator", g.device))
-        return rule(x, q, rows, g, validate=validate)
+        return rule(x, q, rows, g, validate=validate, uniforms=uniforms)
 
     return call
 
@@ -91,9 +91,9 @@ def test_generate_makes_streams_on_the_target_device(device, monkeypatch):
 
     def spy(seed, device="cpu"):
         made.append(torch.device(device))
-        return make_generators(seed, device)
+        return Streams(seed, device)
 
-    monkeypatch.setattr(engine, "make_generators", spy)
+    monkeypatch.setattr(engine, "Streams", spy)
     target = tiny(device)
     generate(target, [1, 2, 3], drafter=NgramDrafter(), params=SamplingParams(), max_new_tokens=4, seed=0)
     assert made == [target.device]
@@ -161,9 +161,6 @@ class FixedModel:
     def reset(self):
         self.cache_length = 0
 
-    def cost_per_forward(self, n):
-        return None
-
 
 class SyncCounter:
     """Counts host reads of tensor values (tolist / item / int / bool / float)."""
@@ -188,9 +185,9 @@ def test_greedy_step_syncs_once(monkeypatch):
     model.forward(torch.tensor([[1, 2]]))
     context = torch.tensor([[1, 2, 3]])
     drafter = FixedDrafter(torch.tensor([[4, 5, 6, 7]]))
-    g_draft, g_verify = make_generators(0)
+    ctx = StepContext(model, drafter, get_rule("greedy"), GREEDY, Streams(0))
     counter = SyncCounter(monkeypatch)
-    res = speculative_step(model, context, drafter, get_rule("greedy"), 4, GREEDY, g_draft, g_verify)
+    res = speculative_step(ctx, context, 4)
     assert counter.count == 1
     assert len(res.tokens) == res.accepted + 1
 
@@ -199,9 +196,9 @@ def test_greedy_step_nan_logits_raise():
     model = FixedModel()
     model.table[3, 2] = float("nan")
     model.forward(torch.tensor([[1, 2]]))
-    g = make_generators(0)
+    ctx = StepContext(model, None, get_rule("greedy"), GREEDY, Streams(0))
     with pytest.raises(ValueError, match="NaN"):
-        speculative_step(model, torch.tensor([[1, 2, 3]]), None, get_rule("greedy"), 0, GREEDY, *g)
+        speculative_step(ctx, torch.tensor([[1, 2, 3]]), 0)
 
 
 def test_eagle_greedy_chain_has_no_sync_per_drafted_token(monkeypatch):

@@ -109,7 +109,7 @@ def test_levels_use_separate_reproducible_streams():
         return out.token_ids
 
     assert run(5) == run(5) and run(5) != run(6)
-    g_draft, g_verify = drafter._streams
+    g_draft, g_verify = drafter._streams.draft, drafter._streams.verify
     assert g_draft is not g_verify and seen and all(g is g_draft for g in seen[-3:])
 
 

@@ -73,19 +73,6 @@ def test_properties_and_metadata(model, path):
     assert "<|im_start|>" in (model.chat_template or "")
     assert path.name in model.describe() and "Q4_1" in model.describe()
     assert not hasattr(model, "forward_tree") and not hasattr(model, "compact")
-    assert "tree" in model.UNSUPPORTED
-
-
-def test_cost_per_forward(model):
-    assert model.cost_per_forward(1) is None
-    try:
-        model.set_costs([4, 1, 2], [0.03, 0.01, 0.02])
-        assert model.cost_per_forward(1) == 0.01 and model.cost_per_forward(3) == pytest.approx(0.025)
-        assert model.cost_per_forward(6) == pytest.approx(0.04)  # extrapolated
-        with pytest.raises(ValueError, match="sizes"):
-            model.set_costs([0], [0.1])
-    finally:
-        model._costs = None
 
 
 def test_forward_shapes_and_cache_length(model):
@@ -214,9 +201,6 @@ class AcceptAll:
 
     def reset(self):
         self.inner.reset()
-
-    def cost_per_forward(self, n):
-        return None
 
 
 # " cat dog cat": the n-gram drafts " dog" (p = 0.054 at T = 1: mostly rejected, so the residual

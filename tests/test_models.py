@@ -168,7 +168,6 @@ def test_protocol_attributes() -> None:
     for model in (_tiny64(), _hf_llama(), _hf_gpt2()):
         assert isinstance(model, LanguageModel)
         assert model.max_length == 128
-        assert model.cost_per_forward(1) is None
         assert model.device == torch.device("cpu")
     assert _hf_llama().vocab_size == 64
     assert _tiny64().vocab_size == 16
@@ -340,3 +339,31 @@ def test_smollm2_greedy_matches_generate(tmp_path, monkeypatch) -> None:
     torch.testing.assert_close(out2, model.forward(ids).logits, atol=0, rtol=0)
     print(f"SmolLM2 load: GGUF {first:.1f} s, cached {second:.1f} s")
     shutil.rmtree(cached, ignore_errors=True)  # 0.5 GB: do not leave it in pytest's tmp dirs
+
+
+def test_protocol_capabilities_need_only_the_documented_methods() -> None:
+    """A backend written from the protocol's list (no cost method) is recognised as a
+    PrefillModel / TreeModel when it has prefill / forward_tree + compact."""
+    from hierspec.models.base import PrefillModel, TreeModel
+
+    class Minimal:
+        vocab_size, max_length = 8, 16
+        device, dtype, cache_length = torch.device("cpu"), torch.float32, 0
+
+        def forward(self, input_ids, *, output_hidden=False): ...
+
+        def crop(self, length): ...
+
+        def reset(self): ...
+
+    class WithPrefill(Minimal):
+        def prefill(self, input_ids): ...
+
+    class WithTree(Minimal):
+        def forward_tree(self, input_ids, parents, *, output_hidden=False): ...
+
+        def compact(self, start, keep): ...
+
+    assert isinstance(Minimal(), LanguageModel) and not isinstance(Minimal(), PrefillModel)
+    assert isinstance(WithPrefill(), PrefillModel)
+    assert isinstance(WithTree(), TreeModel)

@@ -4,8 +4,6 @@ controls that peek at the target or drop a stochastic draft token because of its
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -205,7 +203,7 @@ def test_engine_chi2_adaptive_model_drafter(small_pair, rule):
     # acceptance would collapse towards 0; a strong prior keeps the estimates near the raw
     # confidences and the chosen k varied, which is what this test needs
     acc = AcceptanceModel(prior_strength=1e4)
-    ad = AdaptiveDrafter(ModelDrafter(draft), GENTLE, draft_cost=0.0, k_max=3, drift=None, acceptance=acc)
+    ad = AdaptiveDrafter(ModelDrafter(draft), GENTLE, draft_cost=0.0, k_max=3, acceptance=acc)
     counts = sample_counts(target, ad, prompt, 3, params, rule, 3, 2000, 5)
     assert chi2_p(counts, joint) > 1e-3
     assert len([k for k, n in ad.stats()["k_hist"].items() if n >= 20]) >= 2  # k really varied
@@ -216,7 +214,7 @@ def test_engine_chi2_adaptive_ngram(small_pair):
     prompt = [1, 3, 1, 3, 1]
     params = SamplingParams(temperature=0.7)
     joint = exact_joint(target, prompt, 3, params)
-    ad = AdaptiveDrafter(NgramDrafter(), STEEP, draft_cost=0.0, k_max=3, drift=None, explore_every=2)
+    ad = AdaptiveDrafter(NgramDrafter(), STEEP, draft_cost=0.0, k_max=3, explore_every=2)
     counts = sample_counts(target, ad, prompt, 3, params, "block", 3, 2000, 6)
     assert chi2_p(counts, joint) > 1e-3
     assert len(ad.stats()["k_hist"]) >= 2
@@ -287,21 +285,40 @@ class FixedDrafter:
         return Draft(torch.tensor([toks]), None, torch.full((len(toks),), self.conf))
 
 
-def drive(ad, steps, accept):
-    """Run `steps` fake steps: the committed tokens repeat the first `accept(k)` drafted ones."""
+class FakeClock:
+    """Seconds that pass only when told (`advance`)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, seconds):
+        self.t += seconds
+
+
+def drive(ad, steps, accept, clock=None, costs=None):
+    """Run `steps` fake steps: the committed tokens repeat the first `accept(k)` drafted ones;
+    with a fake ``clock``, each step's target forward takes ``costs(k + 1)`` seconds."""
     ctx = torch.tensor([[1, 2, 3]])
     params = SamplingParams(temperature=0)
     for _ in range(steps):
         d = ad.propose(ctx, 4, params)
         k = d.num_tokens
+        if clock is not None:
+            clock.advance(costs(k + 1))
         m = min(accept(k), k)
         new = [*d.tokens[0, :m].tolist(), 63]
         ctx = torch.cat([ctx, torch.tensor([new])], 1)
 
 
 def test_bad_drafter_falls_back_to_plain_and_explores_less_and_less():
-    ad = AdaptiveDrafter(FixedDrafter([9, 9, 9, 9], 0.95), STEEP, draft_cost=0.0, k_max=4, explore_every=4)
-    drive(ad, 400, lambda k: 0)
+    clock = FakeClock()
+    ad = AdaptiveDrafter(
+        FixedDrafter([9, 9, 9, 9], 0.95), STEEP, draft_cost=0.0, k_max=4, explore_every=4, clock=clock
+    )
+    drive(ad, 400, lambda k: 0, clock, STEEP)
     s = ad.stats()
     assert s["k_hist"][0] > 350  # k = 0 almost always
     assert 3 <= s["explorations"] <= 20  # explorations happen, with a growing interval
@@ -309,23 +326,26 @@ def test_bad_drafter_falls_back_to_plain_and_explores_less_and_less():
 
 
 def test_improving_drafter_is_noticed():
-    ad = AdaptiveDrafter(FixedDrafter([9, 9, 9, 9], 0.95), STEEP, draft_cost=0.0, k_max=4, explore_every=4)
-    drive(ad, 100, lambda k: 0)
+    clock = FakeClock()
+    ad = AdaptiveDrafter(
+        FixedDrafter([9, 9, 9, 9], 0.95), STEEP, draft_cost=0.0, k_max=4, explore_every=4, clock=clock
+    )
+    drive(ad, 100, lambda k: 0, clock, STEEP)
     ad.k_hist.clear()
-    drive(ad, 400, lambda k: k)  # now every drafted token is accepted
+    drive(ad, 400, lambda k: k, clock, STEEP)  # now every drafted token is accepted
     hist = ad.stats()["k_hist"]
     assert hist.get(4, 0) > 250
 
 
 class SlowStoppableDrafter(FixedDrafter):
-    """A model-like drafter (takes ``stop``) whose every consultation takes ``seconds``."""
+    """A model-like drafter (takes ``stop``) whose every consultation takes ``seconds`` of ``clock``."""
 
-    def __init__(self, tokens, conf, seconds):
+    def __init__(self, tokens, conf, seconds, clock):
         super().__init__(tokens, conf)
-        self.seconds = seconds
+        self.seconds, self.clock = seconds, clock
 
     def propose(self, context, num_tokens, params, generator=None, *, stop=None):
-        time.sleep(self.seconds)
+        self.clock.advance(self.seconds)
         return super().propose(context, num_tokens, params, generator)
 
 
@@ -337,9 +357,11 @@ def test_dear_explorations_are_spaced_by_their_cost(monkeypatch, budget, most):
     (4, 8, 16, ...) explores several times."""
     monkeypatch.setattr(policy, "EXPLORE_BUDGET", budget)
     curve = CostCurve((1, 2, 4, 8), (0.010, 0.014, 0.020, 0.035))
-    ad = AdaptiveDrafter(SlowStoppableDrafter([9, 9, 9, 9], 0.95, 0.1), curve, k_max=4, explore_every=4)
+    clock = FakeClock()
+    drafter = SlowStoppableDrafter([9, 9, 9, 9], 0.95, 0.1, clock)
+    ad = AdaptiveDrafter(drafter, curve, k_max=4, explore_every=4, clock=clock)
     ad._consult = 0.050  # as if measured: asking it cannot pay
-    drive(ad, 300, lambda k: k)
+    drive(ad, 300, lambda k: k, clock, curve)
     n = ad.stats()["explorations"]
     assert n <= most if most is not None else n >= 3, n
 

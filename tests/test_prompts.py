@@ -1,4 +1,4 @@
-"""Tests for hierspec.bench.prompts (offline prompt sets)."""
+"""Tests for hierspec.prompts (offline prompt sets)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hierspec.bench import prompts as P
-from hierspec.bench.prompts import Prompt
+from hierspec.prompts import Prompt
+from hierspec.prompts import sets as P
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -346,7 +346,8 @@ def test_specbench_missing_file_and_bad_option(tmp_path: Path) -> None:
 
 
 def test_prompt_sets_registry() -> None:
-    assert set(P.PROMPT_SETS) == {"code", "chat", "prose", "copy"}
+    assert set(P.PROMPT_SETS) == {"code", "chat", "prose", "copy", "long"}
+    assert P.PROMPT_SETS["long"] is P.long_prompts
     assert P.PROMPT_SETS["code"] is P.humaneval_prompts
     assert P.PROMPT_SETS["chat"] is P.sharegpt_prompts
     assert P.PROMPT_SETS["prose"] is P.shakespeare_prompts
@@ -397,7 +398,7 @@ def test_missing_package_names_pip_command(
     def fake(name: str, *args, **kwargs):
         return None if name == module else real(name, *args, **kwargs)
 
-    monkeypatch.setattr(P.importlib.util, "find_spec", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(ModuleNotFoundError) as info:
         loader(n=1)
     assert command in str(info.value)
@@ -410,3 +411,30 @@ def test_copy_prompts_repeat_their_source() -> None:
     assert len(items) == 5 and len({p.id for p in items}) == 5
     assert all(p.chat and p.category == "copy" and "```python\ndef " in p.text for p in items)
     assert P.load_prompt_set("copy", n=5) == items  # deterministic
+
+
+# ----------------------------------------------------------------------------- long prompts
+
+
+@needs_sharegpt
+def test_long_prompts_summarization_and_rag() -> None:
+    """The long set: summarization and RAG prompts alternating, deterministic, held out (ShareGPT
+    conversations only from the reserved range the drafts' training never reads)."""
+    from hierspec.prompts import long as longtasks
+    from hierspec.train.data import SHAREGPT_TRAIN_OFFSET
+
+    items = P.load_prompt_set("long")
+    assert 4 <= len(items) <= 8 and len({p.id for p in items}) == len(items)
+    assert [p.category for p in items[:2]] == ["summarization", "rag"]
+    assert {p.category for p in items} == {"summarization", "rag"}
+    assert all(p.chat and 2500 <= len(p.text) <= 6000 for p in items)
+    assert P.load_prompt_set("long", n=2, offset=1) == items[1:3]
+    assert P.load_prompt_set("long") == items  # deterministic
+    assert longtasks.SHAREGPT_HELD_OUT <= SHAREGPT_TRAIN_OFFSET
+    convs = [p for p in items if p.id.startswith("long:sharegpt-")]
+    assert len(convs) == longtasks.CONVERSATIONS
+    assert all("\n\nUser: " in p.text and "\n\nAssistant: " in p.text for p in convs)
+    rag = [p for p in items if p.category == "rag"]
+    assert len(rag) == len(longtasks.RAG_TASKS)
+    for p, (question, refs) in zip(rag, longtasks.RAG_TASKS, strict=True):
+        assert p.text.endswith(f"Question: {question}") and f"Document [{len(refs)}] ({refs[-1]})" in p.text

@@ -465,7 +465,7 @@ def test_bad_input_before_start(pair32, tmp_path):
 def test_cli_flags(tmp_path):
     import argparse
 
-    from hierspec.ssd.cli import add_ssd_arguments, check_ssd_args, ssd_summary_lines
+    from hierspec.ssd.arguments import add_ssd_arguments, check_ssd_args, ssd_summary_lines
     from hierspec.ssd.stats import SSDStats
 
     ap = argparse.ArgumentParser()

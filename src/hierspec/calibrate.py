@@ -32,7 +32,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -200,42 +200,56 @@ def _kind(x: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def time_forwards(
+    model: Level,
+    sizes: Sequence[int],
+    context: int,
+    repeats: int = 7,
+    vocab_size: int | None = None,
+    clock: Callable[[], float] | None = None,
+) -> list[list[float]]:
+    """Seconds of ``repeats`` forwards of n tokens for each n in ``sizes`` (one list per size)
+    after a warm cache of `context` tokens (a lookup drafter: of proposals of n tokens after a
+    context of about `context` tokens). Interleaved: round r times every size once, in an order
+    rotated by r, after one untimed warm-up round; a load burst on a shared host then hits every
+    size in the rounds it spans instead of all repeats of one size (which bends the curve's shape
+    without widening any one size's spread). ``clock``: seconds (default `time.perf_counter`)."""
+    clock = clock or time.perf_counter
+    gen = torch.Generator().manual_seed(0)
+    vocab = vocab_size or model.vocab_size
+    ids = torch.randint(0, vocab, (1, context + max(sizes) + repeats + 1), generator=gen)
+    times: list[list[float]] = [[] for _ in sizes]
+    lookup = is_lookup(model)
+    model.reset()
+    if not lookup:
+        model.forward(ids[:, :context])
+    for r in range(repeats + 1):  # round 0: warm-up
+        for i in (r % len(sizes) + j for j in range(len(sizes))):
+            i %= len(sizes)
+            n = sizes[i]
+            t0 = clock()
+            if lookup:
+                model.propose(ids[:, : context + r], n)
+            else:
+                model.forward(ids[:, context : context + n])
+            dt = clock() - t0
+            if not lookup:
+                model.crop(context)
+            if r:
+                times[i].append(dt)
+    model.reset()
+    return times
+
+
 def measure_costs(
     model: Level, sizes: Sequence[int], context: int, repeats: int = 7, vocab_size: int | None = None
 ) -> list[float]:
     """Median seconds of a forward of n tokens after a warm cache of `context` tokens (a lookup
-    drafter: of a proposal of n tokens after a context of `context` tokens)."""
-    gen = torch.Generator().manual_seed(0)
-    vocab = vocab_size or model.vocab_size
-    ids = torch.randint(0, vocab, (1, context + max(sizes)), generator=gen)
-    if is_lookup(model):
-        model.reset()
-        out = []
-        for n in sizes:
-            times = []
-            for r in range(repeats + 1):
-                t0 = time.perf_counter()
-                model.propose(ids[:, : context + r], n)
-                if r:
-                    times.append(time.perf_counter() - t0)
-            out.append(max(statistics.median(times), 1e-7))
-        model.reset()
-        return out
-    model.reset()
-    model.forward(ids[:, :context])
-    out = []
-    for n in sizes:
-        times = []
-        for r in range(repeats + 1):
-            t0 = time.perf_counter()
-            model.forward(ids[:, context : context + n])
-            dt = time.perf_counter() - t0
-            model.crop(context)
-            if r:  # first run is a warm-up
-                times.append(dt)
-        out.append(statistics.median(times))
-    model.reset()
-    return out
+    drafter: of a proposal of n tokens after a context of `context` tokens), from interleaved
+    rounds (`time_forwards`)."""
+    floor = 1e-7 if is_lookup(model) else 0.0
+    times = time_forwards(model, sizes, context, repeats, vocab_size)
+    return [max(statistics.median(t), floor) for t in times]
 
 
 def lookup_rows(drafter: Level, seq: torch.Tensor, start: int, vocab_size: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The target's cost curve c(T): seconds of one forward of T new tokens, measured on this host,
-cached per (host, backend, dtype, model, threads, library versions), and re-scaled on drift.
+cached per (host, backend, dtype, model, threads, library versions) only when its repeats agree.
 
 Why per host: the shape of c(T) decides whether speculation pays, and it differs several-fold by
-backend and host (SmolLM2-135M, `reference/models.md` §0: torch bf16 on an AVX-512-BF16 host
-c(6)/c(1) = 1.11, an AVX2 host 2.8, llama.cpp Q4_1 3.8). A curve is therefore never carried
+backend and host (SmolLM2-135M with 2 threads: c(6)/c(1) = 1.11 for torch bf16 on an AVX-512-BF16
+host, 2.8 on an AVX2 host, 3.8 for llama.cpp Q4_1). A curve is therefore never carried
 between machines or models: the cache key holds the CPU model name, the speed-relevant CPU flags
 (avx2, avx512*, amx*, ...), the core count, the accelerator name, the backend class, dtype,
 device, a model fingerprint (`hierspec.calibrate.fingerprint` for torch modules; path + size +
@@ -18,11 +18,19 @@ written atomically (`hierspec.cache.write_json_cache`). A file whose key differs
 model's (copied from another host, a hash collision) is re-measured; a damaged file gives one
 warning line (`hierspec.cache.read_json_cache`) and a fresh measurement, never a crash.
 
-Drift (`DriftTracker`): the caller reports (predicted, observed) step times; when the running
-ratio observed / predicted leaves [1 - tol, 1 + tol] for `min_obs` consecutive-ish observations
-(an exponential average), it returns that ratio once and the caller re-scales the curve by it
-(`CostCurve.scaled`). Observed times include the engine's per-step overhead, so a re-scaled curve
-absorbs it; the *shape* of the curve is kept (re-measure with ``refresh=True`` to change it).
+Trust (`measure_cost_curve`). A curve measured while another process used the CPU can be wrong in
+shape (seen: c(1..8) = 27 / 92 / 92 / 745 / 1216 / 1216 ms on a host whose real curve is 12 / 22
+/ 34 / 37 / 53 / 69 ms), and a policy that believes long forwards are dear never runs them, so
+never learns otherwise. So sizes are timed in interleaved rounds (`hierspec.calibrate.time_forwards`),
+each size's repeats must agree (`spread`: interquartile range / median <= `SPREAD_TOL`) and the
+medians must have a physical shape (`hierspec.curve.shape_flaws`, tol = 0.5): one forward of
+a + b tokens costs no more than two forwards of a and b tokens, c(a + b) <= (1 + tol) (c(a) +
+c(b)), and a smaller forward costs no more than a larger one, c(m) <= (1 + tol) c(n) for m < n.
+The sizes that fail are re-measured (at most `MAX_REMEASURE` times); a curve that still fails is
+used for this run, marked ``trusted=False`` (the policy then explores more,
+`hierspec.curve.OnlineCostCurve`), said once on stderr and never cached. A cached curve that
+fails the shape check is re-measured.
+The curve is a prior only: `hierspec.policy` learns c(T) online from the forwards it runs.
 """
 
 from __future__ import annotations
@@ -31,22 +39,29 @@ import hashlib
 import importlib.metadata
 import itertools
 import json
+import logging
 import math
 import os
 import platform
-from collections.abc import Sequence
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .cache import cache_root, read_json_cache, write_json_cache
-from .calibrate import fingerprint, measure_costs
-from .curve import interpolate
+from .calibrate import fingerprint, time_forwards
+from .curve import interpolate, shape_flaws
+from .host import cpu_flags, cpu_model
 from .models.base import LanguageModel
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: interleaved, spread- and shape-checked; older files are re-measured
+SPREAD_TOL = 0.25  # a size's repeats agree: interquartile range <= 25 % of their median
+MAX_REMEASURE = 2  # re-measurements of the sizes that fail, before giving up (untrusted)
+MIN_ROUNDS, MAX_ROUNDS = 5, 15
+log = logging.getLogger(__name__)
 #: CPU flags that change the speed of a forward (vector width, bf16/int8 dot products, AMX tiles)
 SPEED_FLAGS = (
     "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -57,10 +72,12 @@ _LIBRARIES = ("torch", "transformers", "llama_cpp_python", "numpy")
 
 @dataclass(frozen=True)
 class CostCurve:
-    """Seconds per forward of n new tokens at the measured ``sizes`` (increasing, sizes[0] >= 1)."""
+    """Seconds per forward of n new tokens at the measured ``sizes`` (increasing, sizes[0] >= 1).
+    ``trusted``: False when its measurement failed the spread or shape check (not compared)."""
 
     sizes: tuple[int, ...]
     seconds: tuple[float, ...]
+    trusted: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         sizes, secs = tuple(self.sizes), tuple(float(s) for s in self.seconds)
@@ -93,7 +110,7 @@ class CostCurve:
         """The same shape, every cost times ``factor`` (> 0)."""
         if not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"factor: expected a finite number > 0, got {factor!r}")
-        return CostCurve(self.sizes, tuple(s * factor for s in self.seconds))
+        return CostCurve(self.sizes, tuple(s * factor for s in self.seconds), self.trusted)
 
     def to_dict(self) -> dict:
         return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
@@ -104,51 +121,67 @@ class CostCurve:
 
 
 # ---------------------------------------------------------------------------------- measuring
+def spread(samples: Sequence[float]) -> float:
+    """Interquartile range / median of repeated timings (inf with fewer than 3)."""
+    if len(samples) < 3:
+        return math.inf
+    q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / q2 if q2 > 0 else math.inf
+
+
+def summarise(
+    sizes: Sequence[int], samples: Sequence[Sequence[float]], spread_tol: float = SPREAD_TOL
+) -> tuple[CostCurve, list[int]]:
+    """The curve of per-size medians of ``samples`` and the indices of the sizes that fail the
+    checks (`spread` > ``spread_tol``, or `hierspec.curve.shape_flaws`); trusted iff none fails.
+    The medians are repaired to their running minimum from the right, c(n) := min_{m >= n} c(m)
+    (a forward of n tokens never costs more than one of m > n; a spike at n must not make
+    drafting look cheap)."""
+    med = [statistics.median(t) for t in samples]
+    noisy = {i for i, t in enumerate(samples) if spread(t) > spread_tol} | set(shape_flaws(sizes, med))
+    for i in range(len(med) - 2, -1, -1):
+        med[i] = min(med[i], med[i + 1])
+    return CostCurve(tuple(sizes), tuple(med), trusted=not noisy), sorted(noisy)
+
+
 def measure_cost_curve(
     model: LanguageModel,
     sizes: Sequence[int] = DEFAULT_SIZES,
     budget_s: float = 1.0,
     context: int = 128,
+    *,
+    clock: Callable[[], float] | None = None,
 ) -> CostCurve:
-    """Median seconds per forward of n tokens (n in ``sizes``) after a warm cache of ``context``
-    tokens (`hierspec.calibrate.measure_costs`), with as many repeats (1..15) as fit in about
-    ``budget_s`` seconds after a one-repeat pilot. Leaves the model's cache empty.
-
-    Noise on a shared machine only ever adds time, and a forward of n tokens never costs more
-    than one of m > n tokens, so the curve is repaired to its running minimum from the right,
-    c(n) := min_{m >= n} c(m): a load spike during one size cannot make drafting look free."""
+    """Per-size median seconds of forwards of n tokens (n in ``sizes``) after a warm cache of
+    ``context`` tokens, from ``MIN_ROUNDS``..``MAX_ROUNDS`` interleaved rounds (as many as fit in
+    about ``budget_s`` after a one-round pilot); the sizes failing `summarise`'s checks are timed
+    again (fresh rounds, at most ``MAX_REMEASURE`` times). ``trusted`` says whether the final
+    curve passes. ``clock``: seconds (default `time.perf_counter`). Leaves the model's cache empty."""
     sizes = sorted({int(n) for n in sizes})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"sizes: expected integers >= 1, got {sizes}")
     if not (isinstance(budget_s, (int, float)) and budget_s > 0):
         raise ValueError(f"budget_s: expected seconds > 0, got {budget_s!r}")
     context = max(1, min(context, model.max_length - sizes[-1] - 1))
-    pilot = measure_costs(model, [sizes[0], sizes[-1]], context, repeats=1)
-    slope = (pilot[1] - pilot[0]) / max(sizes[-1] - sizes[0], 1)
-    per_round = sum(pilot[0] + slope * (n - sizes[0]) for n in sizes)
-    repeats = int(min(15, max(1, budget_s / max(per_round, 1e-6))))
-    seconds = measure_costs(model, sizes, context, repeats)
-    for i in range(len(seconds) - 2, -1, -1):
-        seconds[i] = min(seconds[i], seconds[i + 1])
-    return CostCurve(tuple(sizes), tuple(seconds))
+    pilot = sum(t[0] for t in time_forwards(model, sizes, context, 1, clock=clock))
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, budget_s / max(pilot, 1e-6))))
+    samples = time_forwards(model, sizes, context, rounds, clock=clock)
+    curve, noisy = summarise(sizes, samples)
+    for _ in range(MAX_REMEASURE):
+        if not noisy:
+            break
+        again = time_forwards(model, [sizes[i] for i in noisy], context, rounds, clock=clock)
+        for i, t in zip(noisy, again, strict=True):
+            samples[i] = t
+        curve, noisy = summarise(sizes, samples)
+    return curve
 
 
 # ---------------------------------------------------------------------------------- cache key
 def host_key() -> dict:
     """What about this machine changes forward costs: CPU model, speed flags, cores, accelerator."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            name = name.strip()
-            if name == "model name":
-                cpu = value.strip()
-            elif name in ("flags", "Features"):
-                flags = set(value.split())
-            if cpu and flags and name == "":
-                break
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or platform.machine()
+    flags = cpu_flags()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
@@ -214,7 +247,8 @@ def cost_curve(
     refresh: bool = False,
 ) -> CostCurve:
     """``model``'s cost curve on this host: from the cache if one was made for exactly this key
-    (see module docstring), else measured (`measure_cost_curve`) and cached. ``refresh``
+    (see module docstring) and still plausible (`hierspec.curve.shape_flaws`), else measured
+    (`measure_cost_curve`) and cached if ``trusted`` (else one warning). ``refresh``
     re-measures; ``cache=False`` neither reads nor writes the cache."""
     key = cost_key(model) if cache else None
     path = cache_file(key) if key is not None else None
@@ -224,38 +258,21 @@ def cost_curve(
         if not isinstance(obj, dict) or obj.get("key") != key:
             return False
         curve = CostCurve.from_dict(obj["curve"])  # raises on bad content -> one warning
-        return list(curve.sizes) == want
+        return list(curve.sizes) == want and not shape_flaws(curve.sizes, curve.seconds)
 
     if path is not None and not refresh:
         obj = read_json_cache(path, valid)
         if obj is not None:
             return CostCurve.from_dict(obj["curve"])
     curve = measure_cost_curve(model, want, budget_s)
-    if path is not None:
+    if not curve.trusted:
+        ms = " / ".join(f"{1e3 * s:.3g}" for s in curve.seconds)
+        log.warning(
+            "hierspec: the cost curve of this model (c(%s) = %s ms) was measured on a busy host "
+            "(repeats disagree or the shape is implausible); it is used for this run only, not cached, "
+            "and corrected online",
+            ",".join(map(str, curve.sizes)), ms,
+        )  # fmt: skip
+    elif path is not None:
         write_json_cache(path, {"key": key, "curve": curve.to_dict()}, indent=1)
     return curve
-
-
-# ---------------------------------------------------------------------------------- drift
-class DriftTracker:
-    """Exponential average of observed / predicted step times; `observe` returns the ratio when
-    it has drifted beyond ``tol`` after at least ``min_obs`` observations (then starts over)."""
-
-    def __init__(self, tol: float = 0.25, min_obs: int = 16, weight: float = 0.1) -> None:
-        if not (tol > 0 and min_obs >= 1 and 0 < weight <= 1):
-            raise ValueError(
-                f"drift: expected tol > 0, min_obs >= 1, 0 < weight <= 1; got {tol}, {min_obs}, {weight}"
-            )
-        self.tol, self.min_obs, self.weight = tol, min_obs, weight
-        self.ratio, self.count = 1.0, 0
-
-    def observe(self, predicted: float, observed: float) -> float | None:
-        if not (predicted > 0 and observed > 0 and math.isfinite(observed)):
-            return None
-        r = observed / predicted
-        self.ratio = r if self.count == 0 else (1 - self.weight) * self.ratio + self.weight * r
-        self.count += 1
-        if self.count >= self.min_obs and abs(self.ratio - 1) > self.tol:
-            out, self.ratio, self.count = self.ratio, 1.0, 0
-            return out
-        return None

@@ -13,29 +13,35 @@ Plain autoregressive decoding is the same loop with k = 0 (no drafter): one row,
 At temperature 0 the greedy rule runs on the raw logits (only the argmax matters), so the output
 is token-identical to plain greedy decoding; at T > 0 target rows are processed with the same
 `SamplingParams` as the draft's, and the chosen rule keeps the output distributed exactly as the
-processed target. Draft and verification use separate RNG streams derived from `seed`.
+processed target. Draft and verification use separate RNG streams derived from `seed` and keyed
+by position (`hierspec.rng.Streams`): with a deterministic draft (n-gram, suffix, greedy drafts)
+every row emits the token plain sampling draws at its position, so a seeded text equals plain
+decoding's with that seed whatever draft lengths were chosen; with a stochastic draft it is
+reproducible for the same sequence of draft lengths.
 
 Device: the target, the tensors fed to it and to the rule, and both RNG streams live on
-``target.device`` (``make_generators(seed, target.device)``); the committed context stays on the
-CPU, where drafters read it. Each step syncs with the host once, to commit (see `hierspec.step`).
+``target.device``; the committed context stays on the CPU, where drafters read it. Each step
+syncs with the host once, to commit (see `hierspec.step`).
 Optional capabilities are typed protocols checked with ``isinstance``: a `TreeModel` target and a
 `TreeDrafter` for tree steps, a `FeatureDrafter` (EAGLE) to receive the target's hidden states.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from .drafters.base import Drafter, FeatureDrafter, TreeDrafter, TreeSpec
+from .drafters.base import Drafter, FeatureDrafter, StepObserver, TreeDrafter, TreeSpec
 from .models.base import LanguageModel, PrefillModel, tree_support
 from .output import Output
-from .sampling import SamplingParams, make_generators
+from .rng import Streams
+from .sampling import SamplingParams
 from .stats import SpecStats
-from .step import speculative_step, tree_step
+from .step import StepContext, speculative_step, tree_step
 from .verify import get_rule
 
 
@@ -101,6 +107,7 @@ def generate(
     validate: bool = False,
     on_verify: Callable[[dict], None] | None = None,
     tree: TreeSpec | None = None,
+    stats: SpecStats | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `prompt_ids` (see module docstring).
 
@@ -121,7 +128,9 @@ def generate(
     ``on_verify`` is not called for tree steps: `hierspec.verify.tree.tree_law` is their law).
 
     A `FeatureDrafter` (EAGLE) receives the target's last hidden states of every committed
-    position through ``observe_target`` (prefill and each verification).
+    position through ``observe_target`` (prefill and each verification); a `StepObserver` each
+    step's outcome through ``observe_step`` (the SSD verifier's remote drafter records rounds).
+    stats: a `SpecStats` (or subclass) to fill instead of a new one.
 
     Device: everything runs on ``target.device`` (see module docstring); a prompt tensor may live
     anywhere, the committed context is kept on the CPU.
@@ -134,15 +143,45 @@ def generate(
     verify_rule = get_rule("greedy" if params.greedy else rule)
     if tree is not None:
         _check_tree_args(target, drafter, tree, prompt.shape[1])
-    wants_hidden = isinstance(drafter, FeatureDrafter)
     output = Output(
         eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer, on_tokens=on_tokens
     )
-    g_draft, g_verify = make_generators(seed, target.device)
-    stats = SpecStats(prompt_tokens=prompt.shape[1])
+    stats = stats if stats is not None else SpecStats()
+    stats.prompt_tokens = prompt.shape[1]
+    streams = Streams(seed, target.device)
+    ctx = StepContext(target, drafter, verify_rule, params, streams, stats, validate, on_verify)
     room = target.max_length - prompt.shape[1]
     budget_total = min(max_new_tokens, room)
 
+    with _torch_threads(getattr(target, "torch_threads", None)):
+        return _run(ctx, prompt, gamma, output, tree, budget_total)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` (a backend's ``torch_threads``) for the block."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _run(
+    ctx: StepContext,
+    prompt: torch.Tensor,
+    gamma: int,
+    output: Output,
+    tree: TreeSpec | None,
+    budget_total: int,
+) -> GenerationResult:
+    """`generate`'s loop, its arguments checked (see module docstring)."""
+    target, drafter, stats = ctx.model, ctx.drafter, ctx.stats
+    wants_hidden = isinstance(drafter, FeatureDrafter)
+    observer = drafter if isinstance(drafter, StepObserver) else None
     t0 = time.perf_counter()
     target.reset()
     if drafter is not None:
@@ -162,21 +201,11 @@ def generate(
         k_max = min(gamma, budget - 1)
         spec = _fit_tree(tree, budget, target.max_length - context.shape[1])
         if spec is not None:
-            res = tree_step(target, context, drafter, spec, params, g_verify, stats, validate)
+            res = tree_step(ctx, context, spec)
         else:
-            res = speculative_step(
-                target,
-                context,
-                drafter,
-                verify_rule,
-                k_max,
-                params,
-                g_draft,
-                g_verify,
-                stats,
-                validate,
-                on_verify,
-            )
+            res = speculative_step(ctx, context, k_max)
+        if observer is not None:
+            observer.observe_step(res.drafted, res.accepted, res.tokens)
         step = output.commit(res.tokens)  # EOS / stop-string cut, streaming (`hierspec.output`)
         context = torch.cat([context, torch.tensor([step], dtype=torch.long)], 1)
         if output.done:

@@ -19,7 +19,7 @@ greedy and returns q one-hot (probs None).
 Randomness: each level uses two independent streams, one for its drafter below and one for its own
 verification (the engine's convention, which the losslessness proofs assume). Both are derived
 at the first `propose` after `reset` from the generator the level above passes (one draw from
-it seeds `make_generators`; torch's default generator if None), so a seeded generation is
+it seeds the level's `hierspec.rng.Streams`; torch's default generator if None), so a seeded generation is
 reproducible and the level's coins are independent of the level above's verification stream.
 
 Device: the level's streams, the rows it hands up and its tokens live on its model's device (the
@@ -38,9 +38,10 @@ import torch
 
 from .drafters.base import Draft, Drafter, draft_room, sync_cache
 from .models.base import LanguageModel
-from .sampling import SamplingParams, make_generators
+from .rng import Streams
+from .sampling import SamplingParams
 from .stats import SpecStats
-from .step import StepResult, speculative_step
+from .step import StepContext, StepResult, speculative_step
 from .verify import get_rule
 
 
@@ -72,25 +73,23 @@ class SpeculativeDrafter:
         self._fed = torch.zeros(0, dtype=torch.long)
         self.stats = SpecStats()
         self._parent: torch.Generator | None = None
-        self._streams: tuple[torch.Generator, torch.Generator] | None = None
+        self._streams: Streams | None = None
 
-    def _generators(self, generator: torch.Generator | None) -> tuple[torch.Generator, torch.Generator]:
-        """(draft stream, verification stream) of this level, derived from ``generator`` once per
-        generation (re-derived if the level above passes another generator)."""
+    def _generators(self, generator: torch.Generator | None) -> Streams:
+        """This level's streams, seeded from ``generator`` once per generation (re-derived if the
+        level above passes another generator); keyed by this level's positions per step."""
         g = generator if generator is not None else torch.default_generator
         if self._streams is None or g is not self._parent:
             seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
-            self._parent, self._streams = g, make_generators(seed, self.model.device)
+            self._parent, self._streams = g, Streams(seed, self.model.device)
         return self._streams
 
     def _step(
         self, local: torch.Tensor, k_max: int, params: SamplingParams, generator: torch.Generator | None
     ) -> StepResult:
         rule = get_rule("greedy") if params.greedy else self.rule
-        g_draft, g_verify = self._generators(generator)
-        return speculative_step(
-            self.model, local, self.inner, rule, k_max, params, g_draft, g_verify, self.stats
-        )
+        ctx = StepContext(self.model, self.inner, rule, params, self._generators(generator), self.stats)
+        return speculative_step(ctx, local, k_max)
 
     def propose(
         self,

@@ -1,5 +1,5 @@
-"""Latency model of draft hierarchies and the search for the fastest one (Mohri et al.; the
-formulas are the reference notes' derivation, checked there and in our tests by simulation).
+"""Latency model of draft hierarchies and the search for the fastest one (Mohri et al., arXiv
+2510.19705; the formulas below are checked in our tests by simulation).
 
 Chain M_0 -> M_1 -> ... -> M_K (M_K the target). Level i verifies batches handed up by level i-1
 with acceptance alpha_i = alpha[i-1][i] per token (i.i.d. model). A pass of M_i over n new tokens

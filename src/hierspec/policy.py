@@ -11,65 +11,55 @@ and the policy picks k* = argmax_k E[tokens | k] / (c(k + 1) + d k)  (ties: the 
 whenever no draft can beat plain decoding at E = 1 token per c(1): "never slower than plain
 decoding" up to the error of the estimates and the exploration below.
 
-Calibration (`AcceptanceModel`). a_j is learned online from the drafter's raw confidence c_j
-(`Draft.confidence`): 10 buckets of c, each a Beta prior of strength 2 centred on the bucket
-(the raw confidence is the prior guess) plus the counts observed: position j of a past draft
-counts as accepted if j <= tau, rejected if j = tau + 1, and is not observed beyond (a_j is
-conditional on the earlier positions). Counts are capped (old observations decay), so a drafter
-that improves is noticed. tau is read from the next `propose` call: the committed context then
-extends the previous one by the emitted tokens, and tau = the longest common prefix of the draft
-and those tokens. That is exact for the token and greedy rules (a correction token never equals
-the rejected draft token) and an over-estimate by one at most for block verification, which may
-emit a token equal to a rejected draft token; it only affects efficiency, never exactness. The
-last step of a generation is never seen (no next call; the engine has no commit hook for
-drafters): a bias towards rejections that matters only for very short generations (a step that
-accepts everything is more often the last one).
+Calibration (`hierspec.acceptance.AcceptanceModel`): a_j is learned online from the drafter's raw
+confidence c_j (`Draft.confidence`) and what the previous draft got accepted (see there).
 
-Exploration. When the policy drafts nothing although a draft was available, that bucket is never
-observed again and k = 0 could lock in after the drafter improved. So after `explore_every` such
-steps in a row it drafts one token anyway; each exploration that is rejected doubles the interval
-(up to 64x), an accepted one resets it. The cost is bounded by (c(2) - c(1) + d) / (interval c(1))
-of plain decoding time: at most 5.6 % with the llama.cpp Q4_1 curve (c(2) = 1.89 c(1)) and
-interval 16, shrinking geometrically while explorations fail; ~0 on flat curves (torch bf16).
+Costs (`hierspec.curve.OnlineCostCurve`). c(k + 1) is the learned wall time of a step verifying
+k + 1 tokens as the wrapper sees it, from the end of one `propose` call to the start of the next
+(target forward + the engine's per-step work, so it counts for every k, 0 included), plus the
+wrapper's own time per call. The measured curve (`hierspec.costs`) is only the prior; the closure
+under sub-additivity and monotonicity carries what one T teaches to the others (after a few plain
+steps c(T) <= T c(1) whatever the prior claims). A prior that calls a T dear is never refuted by
+the steps it makes the policy choose, so an unproven T (< 3 observations) is explored when, at
+the best acceptance seen and at the geometric mean of its lower bound and its estimate, it would
+beat the current best (T = 1: a plain step, at its lower bound), within budget: spending (the
+exploring steps' time minus what plain steps would take for their tokens: one that pays back is
+free) <= `EXPLORE_COST` (2 %) of the time so far, `EXPLORE_COST_DOUBT` (10 %) while the prior is
+in doubt (untrusted, implausible, or off by 1.5x where observed), + `EXPLORE_ALLOWANCE` plain
+steps. The step then drafts T - 1 tokens: a deterministic draft is lengthened (D), a stoppable
+drafter is told before drawing to draft at least that many, a stochastic one asked for them
+(lengths fixed from the past: stopping times (S)). Exploration ends once every T worth it is
+proven; a poisoned prior heals within one 128-token generation (tests/test_online_costs.py).
+``learn_costs=False`` keeps the prior fixed (the old behaviour; a negative control).
+
+Exploring acceptance. When the policy drafts nothing although a draft was available, that
+bucket is never observed again and k = 0 could lock in after the drafter improved. So after
+`explore_every` such steps in a row it drafts one token anyway; each exploration that is rejected
+doubles the interval (up to 64x), an accepted one resets it. The cost is bounded by (c(2) - c(1)
++ d) / (interval c(1)) of plain decoding time: at most 5.6 % with the llama.cpp Q4_1 curve (c(2)
+= 1.89 c(1)) and interval 16, shrinking geometrically while explorations fail; ~0 on flat curves.
 A model drafter too costly to ask pays more per exploration: it first catches up on every token
 since it was last asked (in a new generation: a prefill of the whole prompt). After such an
 exploration the interval is at least its measured time / (`EXPLORE_BUDGET` c(1)) steps, so
 exploring it costs at most ~2 % of plain decoding time.
 
-Drift. The wrapper sees the time between its `propose` calls: the target's forward plus the
-engine's per-step work. `hierspec.costs.DriftTracker` compares it with c(k + 1) and re-scales the
-curve when the running ratio leaves 1 +- 25 %. The drafter's own cost d is measured the same way
-(seconds of `inner.propose` per drafted token, an exponential average) unless given.
+Ramping up. Before anything was observed, the estimates are the drafter's own confidences: a
+first draft of k_max tokens from a useless drafter would waste c(k_max + 1) - c(1). So a draft
+is at most 1 + (positions ever observed) long (1, then 2, then ~4, ...): a good drafter reaches
+its length in a few steps, a useless one costs one rejected token.
 
-Exactness (the choice never looks at the target's rows of the positions it decides about).
-Let F be the past (committed tokens, earlier drafts, verifications, timings, learned statistics)
-and G the draft-side randomness of this step (independent of the verifier's RNG). The target's
-rows p_1..p_{k+1} are computed AFTER the draft is fixed, from the context and the draft.
+Falling back. When no draft can pay even at the best acceptance seen so far (and the cost of
+consulting a model drafter), the drafter is not asked at all (no lookup, no forward) unless an
+exploration is due: a plain step costs the wrapper only its bookkeeping, and the past-only part
+of the decision (`_Plan`) is cached until the curve, the acceptance or the drafter's cost change.
+The drafter's own cost d is measured online (seconds of `inner.propose` per drafted token, an
+exponential average) unless given.
 
- (D) Deterministic draft (``probs`` None: q one-hot; n-gram, suffix, greedy drafts). Given F and
-     G the draft x and the chosen k are constants; the step is the rule applied to a fixed one-hot
-     draft x_{1:k}, whose output law is the target's for EVERY x and k (each rule is exact for any
-     one-hot q: `hierspec.verify.law.output_joint(..., deterministic_draft=True)`). So any k that
-     is a function of (F, G, x) -- including truncation by the draft's own confidences -- gives
-     a mixture over (F, G) of exact laws, which is the exact law.
- (S) Stochastic draft (``probs`` given: X_i ~ q_i(. | X_<i) with fresh randomness). Here k must be
-     a STOPPING TIME of the draft: the decision to draft position i may depend on (F, G, X_<i) and
-     the rows q_<=i, never on X_i itself; a drafted token is never dropped because of its value.
-     Token rule, by induction over positions: position i matters only if X_<i were accepted, so
-     the output prefix is context + X_<i and {k >= i} is a function of it; if k >= i, X_i ~ q_i
-     and the token-wise kernel emits a token ~ p_i, otherwise the bonus token ~ p_i; either way
-     the i-th output token is ~ p_i given the prefix. Block and HSD verification look ahead, so
-     that induction does not carry over; their exactness under stopping-time drafts is checked by
-     exact enumeration over all drafts (tests/test_policy.py, error < 1e-12), not proved here.
-     The brief's "any draft-side choice is a mixture of exact kernels" is FALSE for stochastic
-     drafts: dropping X_i because q_i(X_i) is low conditions X on k and biases the output (two
-     tokens, q = (.5, .5), p = (.9, .1), keep X only if it is token 0: P(out = 0) = .5 + .5 * .9
-     = .95 != .9). The wrapper therefore truncates a stochastic draft only to a length decided
-     before it was drawn (from F alone), and a stoppable drafter (``propose(..., stop=fn)``,
-     `hierspec.drafters.model`) decides after X_i whether to draft X_{i+1}.
-Timings are part of F (earlier steps) or of the drafter's own work; the verifier's randomness and
-the target's rows of this step never enter the choice. At temperature 0 every draft is
-deterministic, so the output is token-identical to plain greedy decoding.
+Exactness: the choice of k depends on the past (tokens, earlier verifications, timings, learned
+statistics) and on the draft side, never on the target's rows of the positions it decides. A
+deterministic draft may be cut to any length; a stochastic one only at a stopping time (never
+because of the value of a drafted token: that biases the output). Proofs, for every rule:
+docs/exactness-adaptive.md. At temperature 0 the output is token-identical to greedy decoding.
 """
 
 from __future__ import annotations
@@ -77,17 +67,33 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .costs import CostCurve, DriftTracker
+from .acceptance import AcceptanceModel
+from .costs import CostCurve
+from .curve import OnlineCostCurve
 from .drafters.base import Draft, Drafter
 from .sampling import SamplingParams
 
+__all__ = [
+    "AcceptanceModel",
+    "AdaptiveDrafter",
+    "best_length",
+    "continue_pays",
+    "expected_tokens",
+    "step_rates",
+]
+
 _MAX_EXPLORE_DOUBLINGS = 6
 EXPLORE_BUDGET = 0.02  # exploring a drafter too costly to ask: at most this share of the time
+EXPLORE_COST = 0.02  # exploring unproven step sizes T: share of the time, prior in no doubt
+EXPLORE_COST_DOUBT = 0.10  # ... while the prior is in doubt (`hierspec.curve.OnlineCostCurve`)
+EXPLORE_ALLOWANCE = 4.0  # ... plus this many plain steps' worth
 _CHEAP_DRAFT = 0.02  # a drafter costing < 2 % of c(1) per token drafts k_max and is truncated
+Costs = CostCurve | Sequence[float]  # a curve c(T), or step seconds c[k] of drafting k tokens
 
 
 # ---------------------------------------------------------------------------------- economics
@@ -101,20 +107,30 @@ def expected_tokens(a: Sequence[float]) -> list[float]:
     return out
 
 
-def step_rates(a: Sequence[float], costs: CostCurve, draft_cost: float = 0.0) -> list[float]:
+def _steps(costs: Costs, n: int) -> Sequence[float]:
+    """Seconds of a step drafting k = 0..n - 1 tokens: c(k + 1) of a curve, or the sequence."""
+    return [costs(k + 1) for k in range(n)] if isinstance(costs, CostCurve) else costs
+
+
+def step_rates(a: Sequence[float], costs: Costs, draft_cost: float = 0.0) -> list[float]:
     """Expected tokens per second of drafting k = 0..len(a) tokens (see module docstring)."""
     e = expected_tokens(a)
-    return [e[k] / (costs(k + 1) + draft_cost * k) for k in range(len(e))]
+    c = _steps(costs, len(e))
+    return [e[k] / (c[k] + draft_cost * k) for k in range(len(e))]
 
 
-def best_length(a: Sequence[float], costs: CostCurve, draft_cost: float = 0.0) -> int:
+def best_length(a: Sequence[float], costs: Costs, draft_cost: float = 0.0) -> int:
     """argmax_k of `step_rates` (the shortest on ties)."""
     rates = step_rates(a, costs, draft_cost)
-    return max(range(len(rates)), key=lambda k: (rates[k], -k))
+    best = 0
+    for k in range(1, len(rates)):
+        if rates[k] > rates[best]:
+            best = k
+    return best
 
 
 def continue_pays(
-    a: Sequence[float], a_next: float, k_max: int, costs: CostCurve, draft_cost: float, keep_all: bool
+    a: Sequence[float], a_next: float, k_max: int, costs: Costs, draft_cost: float, keep_all: bool
 ) -> bool:
     """After drafting len(a) tokens: can drafting more (future positions estimated at ``a_next``)
     beat stopping now? ``keep_all``: the drafted tokens cannot be dropped (stochastic draft), so
@@ -125,59 +141,27 @@ def continue_pays(
     return max(rates[t + 1 :], default=-math.inf) > now
 
 
-# ---------------------------------------------------------------------------------- calibration
-class AcceptanceModel:
-    """Online map raw confidence -> acceptance probability (Beta-smoothed counts per bucket)."""
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the past alone decides (cached until the curve, acceptance or k_max change)."""
 
-    def __init__(self, bins: int = 10, prior_strength: float = 2.0, max_count: float = 256.0) -> None:
-        if bins < 1 or prior_strength <= 0 or max_count <= 0:
-            raise ValueError(f"acceptance model: expected bins >= 1, prior > 0, cap > 0; got {bins}, "
-                             f"{prior_strength}, {max_count}")  # fmt: skip
-        self.bins, self.prior, self.cap = bins, prior_strength, max_count
-        self.acc = [0.0] * bins
-        self.n = [0.0] * bins
-        self.all_acc, self.all_n = 0.0, 0.0  # every observed position: the confidence-free rate
+    steps: list[float]  # seconds of a step drafting k = 0..k_max tokens (without the drafter)
+    k_past: int  # best length at the confidence-free rate
+    ramp: int  # the longest draft worth its risk yet: 1 + positions ever observed (<= k_max)
+    can_pay: bool  # some draft could beat plain decoding at the best acceptance seen
+    explore_t: int  # an unproven step size T worth exploring (1: a plain step), else 0
 
-    def bucket(self, c: float) -> int:
-        return min(max(int(c * self.bins), 0), self.bins - 1)
 
-    def estimate(self, c: float) -> float:
-        """Calibrated P(accept) for raw confidence c."""
-        b = self.bucket(c)
-        centre = (b + 0.5) / self.bins
-        return (self.prior * centre + self.acc[b]) / (self.prior + self.n[b])
+@dataclass(slots=True)
+class _Last:
+    """The previous step, to learn from at the next call."""
 
-    @property
-    def rate(self) -> float:
-        """Acceptance of a position whose confidence is not known yet (prior centred on 0.5)."""
-        return (0.5 * self.prior + self.all_acc) / (self.prior + self.all_n)
-
-    def update(self, confidences: Sequence[float], accepted: int) -> None:
-        """Record one verified draft: positions < ``accepted`` accepted, the next one rejected."""
-        for i, c in enumerate(confidences[: accepted + 1]):
-            b, hit = self.bucket(c), float(i < accepted)
-            self.acc[b] += hit
-            self.n[b] += 1.0
-            if self.n[b] > self.cap:
-                self.acc[b] *= self.cap / self.n[b]
-                self.n[b] = self.cap
-            self.all_acc, self.all_n = self.all_acc + hit, self.all_n + 1.0
-            if self.all_n > self.cap:
-                self.all_acc, self.all_n = self.all_acc * self.cap / self.all_n, self.cap
-
-    def snapshot(self) -> dict:
-        return {
-            "rate": self.rate,
-            "buckets": {
-                f"{b / self.bins:.1f}-{(b + 1) / self.bins:.1f}": {
-                    "estimate": round(self.estimate((b + 0.5) / self.bins), 4),
-                    "accepted": round(self.acc[b], 2),
-                    "observed": round(self.n[b], 2),
-                }
-                for b in range(self.bins)
-                if self.n[b] > 0
-            },
-        }
+    length: int
+    last_tok: int
+    tokens: list[int]
+    conf: list[float]
+    explored: bool  # an acceptance exploration
+    cost_explored: bool  # a step size explored to learn its cost
 
 
 # ---------------------------------------------------------------------------------- the wrapper
@@ -185,10 +169,13 @@ class AdaptiveDrafter:
     """A `Drafter` that chooses each step's draft length for ``inner`` (see module docstring).
 
     ``generate(target, ids, drafter=AdaptiveDrafter(inner, curve), gamma=k_max)``: the engine's
-    gamma and this ``k_max`` both cap the draft. ``draft_cost``: seconds per drafted token, None =
-    measured online. ``drift``: None turns curve re-scaling off. `reset` (called by `generate`)
-    forgets the current generation only; what was learned (acceptance, costs) carries over to the
-    next prompt (`forget` clears it). `stats` returns the chosen-k histogram and the estimates.
+    gamma and this ``k_max`` both cap the draft. ``costs``: the prior cost curve (`hierspec.costs`);
+    ``learn_costs=False`` keeps it fixed (no online learning, no cost exploration). ``draft_cost``:
+    seconds per drafted token, None = measured online. ``clock``: seconds (default
+    `time.perf_counter`; tests inject one).
+    `reset` (called by `generate`) forgets the current generation only; what was learned
+    (acceptance, costs) carries over to the next prompt (`forget` clears it). `stats` returns the
+    chosen-k histogram and the estimates.
     """
 
     def __init__(
@@ -200,7 +187,8 @@ class AdaptiveDrafter:
         *,
         acceptance: AcceptanceModel | None = None,
         explore_every: int = 16,
-        drift: DriftTracker | None = DriftTracker(),  # noqa: B008 (copied below)
+        learn_costs: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not isinstance(costs, CostCurve):
             raise ValueError(f"costs: expected a hierspec.costs.CostCurve, got {type(costs).__name__}")
@@ -211,17 +199,17 @@ class AdaptiveDrafter:
         if isinstance(explore_every, bool) or not isinstance(explore_every, int) or explore_every < 1:
             raise ValueError(f"explore_every: expected an integer >= 1, got {explore_every!r}")
         self.inner = inner
-        self.costs = costs
+        self.costs = costs  # the prior
         self.k_max = k_max
         self.explore_every = explore_every
+        self.learn_costs = learn_costs
+        self._clock = clock or time.perf_counter
         self._fixed_draft_cost = draft_cost
-        self._drift = None if drift is None else DriftTracker(drift.tol, drift.min_obs, drift.weight)
         self.acceptance = acceptance or AcceptanceModel()
         try:
             self._stoppable = "stop" in inspect.signature(inner.propose).parameters
         except (TypeError, ValueError):
             self._stoppable = False
-        self.wants_target_hidden = bool(getattr(inner, "wants_target_hidden", False))
         if hasattr(inner, "observe_target"):  # a feature-level drafter (EAGLE): pass features on
             self.observe_target = inner.observe_target
         self._clear()
@@ -233,20 +221,24 @@ class AdaptiveDrafter:
 
     # ------------------------------------------------------------------ state
     def forget(self) -> None:
-        """Forget everything learned (acceptance counts, draft cost, histogram)."""
+        """Forget everything learned (acceptance counts, costs, draft cost, histogram)."""
         self.acceptance = AcceptanceModel(self.acceptance.bins, self.acceptance.prior, self.acceptance.cap)
         self._clear()
         self.reset()
 
     def _clear(self) -> None:
+        self.curve = OnlineCostCurve(self.costs, self.k_max + 1, trusted=self.costs.trusted)
         self._draft_cost = self._fixed_draft_cost
         self._consult: float | None = None  # seconds per consultation of a stoppable drafter
         self._cost_bound = False  # the last exploration was of a drafter too costly to ask
+        self._wrapper = 0.0  # seconds of this wrapper's own work per step (an average)
+        self._plan_key: tuple = ()
+        self._plan_val: _Plan | None = None
         self.k_hist: dict[int, int] = {}
         self._explore_interval = self.explore_every
         self._since_spec = 0
-        self._explorations = 0
-        self._rescales: list[float] = []
+        self._explorations = self._cost_explorations = 0
+        self._elapsed = self._explore_spent = 0.0
         self._time = {"spec": 0.0, "plain": 0.0}
         self._tokens = {"spec": 0, "plain": 0}
         self._drafted = self._accepted = 0
@@ -254,61 +246,90 @@ class AdaptiveDrafter:
     def reset(self) -> None:
         """Start of a new generation: reset ``inner`` and the per-generation bookkeeping."""
         self.inner.reset()
-        self._last: tuple[int, int, list[int], list[float], bool] | None = None
+        self._last: _Last | None = None
         self._t_exit: float | None = None
         self._last_draft_time = 0.0
         self._fresh = True  # inner has not been asked yet this generation (its cache is empty)
 
     # ------------------------------------------------------------------ learning from the past
-    def _observe(self, context: torch.Tensor, now: float) -> None:
-        """Count what the previous draft got accepted, and time the previous step."""
+    def _observe(self, context: torch.Tensor, now: float) -> int | None:
+        """Count what the previous draft got accepted, and time the previous step. Returns the
+        context's last token when it was read anyway (one host read per step)."""
         last, self._last = self._last, None
-        if last is None:
-            return
-        length, last_tok, tokens, conf, explored = last
-        ctx = context[0]
-        if ctx.numel() <= length or int(ctx[length - 1]) != last_tok:
-            return  # not a continuation of the last step (another caller): learn nothing
-        new = ctx[length:].tolist()
-        tau = 0
+        if last is None or context.shape[1] <= last.length:
+            return None
+        tail = context[0, last.length - 1 :].tolist()
+        if tail[0] != last.last_tok:
+            return None  # not a continuation of the last step (another caller): learn nothing
+        new = tail[1:]
+        tokens, tau = last.tokens, 0
         while tau < min(len(tokens), len(new)) and tokens[tau] == new[tau]:
             tau += 1
         if tokens:
-            self.acceptance.update(conf, tau)
+            self.acceptance.update(last.conf, tau)
             self._drafted += len(tokens)
             self._accepted += tau
-            if explored:
+            if last.explored:
                 doubled = min(self._explore_interval * 2, self.explore_every << _MAX_EXPLORE_DOUBLINGS)
                 self._explore_interval = self.explore_every if tau and not self._cost_bound else doubled
                 if self._cost_bound:  # its catch-up made this exploration dear: space them out
-                    budget = self._last_draft_time / (EXPLORE_BUDGET * self.costs.decode)
+                    budget = self._last_draft_time / (EXPLORE_BUDGET * self.curve(1))
                     self._explore_interval = max(self._explore_interval, math.ceil(budget))
         if self._t_exit is not None:
             gap = now - self._t_exit  # target forward + engine work of the last step
+            step = gap + self._last_draft_time + self._wrapper
             kind = "spec" if tokens else "plain"
-            self._time[kind] += gap + self._last_draft_time
+            self._time[kind] += step
             self._tokens[kind] += len(new)
-            if self._drift is not None:
-                r = self._drift.observe(self.costs(len(tokens) + 1), gap)
-                if r is not None:
-                    self.costs = self.costs.scaled(r)
-                    self._rescales.append(r)
+            self._elapsed += step
+            if last.cost_explored:  # its price: the time beyond plain steps for what it committed
+                self._explore_spent += step - len(new) * (self.curve(1) + self._wrapper)
+            if self.learn_costs:
+                self.curve.observe(len(tokens) + 1, gap)
+        return new[-1]
 
-    def _consulting_can_pay(self, k_max: int, d: float) -> bool:
-        """Whether asking a stoppable (model) drafter can beat plain decoding even if every
-        position were accepted at the best rate learned so far: a consultation costs its measured
-        time (the draft catching up on the committed tokens and its first forward) whether or
-        not it drafts, so a draft that costs about as much as the target is not even asked
-        (until exploration asks it again).
-        Decided from the past only (exact)."""
-        if self._consult is None:
-            return True
-        acc = self.acceptance
-        seen = [acc.estimate((b + 0.5) / acc.bins) for b in range(acc.bins) if acc.n[b] > 0]
-        a = max(seen, default=acc.rate)  # the best acceptance seen so far, not the priors' 0.95
-        e = expected_tokens([a] * k_max)
-        best = max(e[k] / (self.costs(k + 1) + self._consult + d * (k - 1)) for k in range(1, k_max + 1))
-        return best > 1.0 / self.costs(1)
+    def _plan(self, k_max: int) -> _Plan:
+        """The past-only part of the decision, recomputed when what it depends on changed."""
+        acc, curve = self.acceptance, self.curve
+        key = (curve.version, acc.version, k_max, self._draft_cost, self._consult)
+        if key == self._plan_key and self._plan_val is not None:
+            return self._plan_val
+        d, w = self._cost_per_token(), self._wrapper
+        steps = [s + w for s in curve.seconds[: k_max + 1]]
+        rate = acc.rate
+        ramp = min(k_max, 1 + int(acc.all_n))
+        k_past = min(best_length([rate] * k_max, steps, d), ramp)
+        consult = 0.0 if self._consult is None else self._consult
+        best_seen = acc.best_seen()
+        if best_seen is None and self._consult is None:  # nothing known: ask, to learn its worth
+            can_pay = True
+        else:  # even at the best acceptance seen, can some draft beat plain decoding?
+            e = expected_tokens([acc.rate if best_seen is None else best_seen] * k_max)
+            plain = 1.0 / steps[0]
+            can_pay = any(e[k] / (steps[k] + consult + d * k) > plain for k in range(1, k_max + 1))
+        explore_t = 0
+        if self.learn_costs:  # at the best acceptance seen (the confidence-free rate before any)
+            e = expected_tokens([rate if best_seen is None else best_seen] * k_max)
+            top = max(e[k] / (steps[k] + (consult + d * k if k else 0.0)) for k in range(k_max + 1))
+            if curve.unproven(1) and 1.0 / (curve.optimistic(1) + w) > top:  # plain may be cheaper
+                top, explore_t = 1.0 / (curve.optimistic(1) + w), 1
+            for k in range(1, ramp + 1):
+                if curve.unproven(k + 1):
+                    mid = math.sqrt(curve.optimistic(k + 1) * curve.seconds[k]) + w
+                    r = e[k] / (mid + consult + d * k)
+                    if r > top:
+                        top, explore_t = r, k + 1
+        self._plan_key, self._plan_val = key, _Plan(steps, k_past, ramp, can_pay, explore_t)
+        return self._plan_val
+
+    def _explore_cost_due(self, plan: _Plan) -> int:
+        """The step size to explore now (0: none): an unproven T worth it, within the budget
+        (`EXPLORE_COST` of the time, `EXPLORE_COST_DOUBT` while the prior is in doubt)."""
+        if not plan.explore_t:
+            return 0
+        frac = EXPLORE_COST_DOUBT if self.curve.in_doubt else EXPLORE_COST
+        allowed = frac * self._elapsed + EXPLORE_ALLOWANCE * plan.steps[0]
+        return plan.explore_t if self._explore_spent < allowed else 0
 
     def _cost_per_token(self) -> float:
         return 0.0 if self._draft_cost is None else self._draft_cost
@@ -327,71 +348,94 @@ class AdaptiveDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
-        self._observe(context, time.perf_counter())
+        t_enter = self._clock()
+        last_tok = self._observe(context, t_enter)
         k_max = min(num_tokens, self.k_max)
-        d = self._cost_per_token()
-        explore = self._since_spec >= self._explore_interval
-        # a length decided from the past alone (safe for any draft): the confidence-free rate
-        k_past = best_length([self.acceptance.rate] * max(k_max, 0), self.costs, d)
-        cheap = self._draft_cost is None or self._draft_cost < _CHEAP_DRAFT * self.costs.decode
+        plan = self._plan(max(k_max, 0))
+        steps, k_past, d = plan.steps, plan.k_past, self._cost_per_token()
+        explore = self._since_spec >= self._explore_interval  # acceptance exploration
+        explore_t = self._explore_cost_due(plan) if k_max > 0 else 0  # cost exploration
+        plain = explore_t == 1 and not explore  # exploring T = 1: a plain step
+        explore_t = 0 if explore_t == 1 else explore_t
+        cheap = self._draft_cost is None or self._draft_cost < _CHEAP_DRAFT * steps[0]
         skipped = explored = False  # skipped: a draft was possible but not worth starting
-        draft = Draft.empty(1, context.device)
-        t0 = time.perf_counter()
+        draft: Draft | None = None
+        t0 = self._clock()
         if k_max <= 0:
             pass
+        elif plain:
+            skipped = True
         elif self._stoppable:
-            pays = (k_past > 0 or explore) and self._consulting_can_pay(k_max, d)
+            pays = (k_past > 0 or explore or explore_t > 0) and plan.can_pay
             if pays or explore:
                 # exploring a drafter that costs more to ask than it can win back: back off
                 # however the draft fares (asking it again means catching up on every token since)
                 explored, self._cost_bound = k_past == 0 or not pays, not pays
+                least = max(explore_t - 1, 0)  # fixed before drafting: still a stopping time (S)
 
                 def stop(conf: Sequence[float]) -> bool:
+                    if len(conf) < least:
+                        return False
+                    if len(conf) >= plan.ramp:
+                        return True
                     a = [self.acceptance.estimate(c) for c in conf]
                     keep_all = not params.greedy
-                    return not continue_pays(a, self.acceptance.rate, k_max, self.costs, d, keep_all)
+                    return not continue_pays(a, self.acceptance.rate, k_max, steps, d, keep_all)
 
                 draft = self.inner.propose(context, k_max, params, generator, stop=stop)
             else:
                 skipped = True
-        elif cheap or ((k_past > 0 or explore) and (explore or self._consulting_can_pay(k_max, d))):
+        elif (plan.can_pay and (cheap or k_past > 0)) or explore or explore_t:
             explored = not cheap and (k_past == 0 or explore)
             self._cost_bound = not cheap and explore
-            draft = self.inner.propose(context, k_max if cheap else max(k_past, 1), params, generator)
+            want = k_max if cheap else max(k_past, 1, explore_t - 1)
+            draft = self.inner.propose(context, want, params, generator)
         else:
             skipped = True
-        dt = time.perf_counter() - t0
-        if self._fresh and not skipped and k_max > 0:
+        dt = self._clock() - t0
+        n = 0 if draft is None else draft.num_tokens
+        if draft is not None and self._fresh:
             # the first consultation of a generation also feeds the whole prompt to a model
             # drafter (a prefill): not what asking it costs later, so it is not learned from
             self._fresh = False
             self._last_draft_time = dt
         else:
-            self._record_draft_time(dt, draft.num_tokens)
-            if not cheap and not skipped and k_max > 0:
+            self._record_draft_time(dt, n)
+            if draft is not None and not cheap:
                 self._consult = dt if self._consult is None else 0.8 * self._consult + 0.2 * dt
-        n = draft.num_tokens
-        if n == 0:
-            k = 0
+        k_x = min(n, explore_t - 1) if explore_t else 0  # the length a cost exploration wants
+        if draft is None or n == 0:
+            k = k_nat = 0
         elif draft.probs is None:  # deterministic: any prefix, chosen from the confidences (D)
             conf = self._confidences(draft)
-            k = best_length([self.acceptance.estimate(c) for c in conf], self.costs, d)
+            k_nat = min(best_length([self.acceptance.estimate(c) for c in conf], steps, d), plan.ramp)
+            k = max(k_nat, k_x)
         elif self._stoppable:  # stochastic, already a stopping time (S): keep it whole
-            k = n
+            k, k_nat = n, (n if explore_t == 0 else 0)
         else:  # stochastic, not stoppable: a length fixed from the past only (S)
-            k = min(n, max(k_past, int(explored)))
+            k_nat = min(n, max(k_past, int(explored)))
+            k = max(k_nat, k_x)
+        cost_explored = plain or (k > k_nat and self.curve.unproven(k + 1))
         if k == 0 and n > 0 and explore:
             k, explored = 1, True
         explored = explored and k > 0
         self._explorations += int(explored)
-        draft = _truncate(draft, k)
+        self._cost_explorations += int(cost_explored)
         self._since_spec = self._since_spec + 1 if (k == 0 and (n > 0 or skipped)) else 0
         self.k_hist[k] = self.k_hist.get(k, 0) + 1
-        ctx_len = context.shape[1]
-        conf = self._confidences(draft) if k else []
-        self._last = (ctx_len, int(context[0, -1]), draft.tokens[0].tolist(), conf, explored)
-        self._t_exit = time.perf_counter()
-        return draft
+        last_tok = int(context[0, -1]) if last_tok is None else last_tok
+        if k == 0:
+            out = _empty(context.device)
+            self._last = _Last(context.shape[1], last_tok, [], [], False, cost_explored)
+        else:
+            out = _truncate(draft, k)
+            toks = out.tokens[0].tolist()
+            conf = self._confidences(out)
+            self._last = _Last(context.shape[1], last_tok, toks, conf, explored, cost_explored)
+        self._t_exit = self._clock()
+        own = (self._t_exit - t_enter) - dt
+        self._wrapper = own if self._wrapper == 0.0 else 0.9 * self._wrapper + 0.1 * own
+        return out
 
     def _confidences(self, draft: Draft) -> list[float]:
         n = draft.num_tokens
@@ -409,11 +453,25 @@ class AdaptiveDrafter:
             "drafted": self._drafted,
             "accepted": self._accepted,
             "explorations": self._explorations,
+            "cost_explorations": self._cost_explorations,
+            "exploration_cost_s": self._explore_spent,
             "draft_cost_s": self._draft_cost,
-            "cost_curve": self.costs.to_dict(),
-            "rescales": list(self._rescales),
+            "wrapper_s_per_step": self._wrapper,
+            "cost_curve": self.costs.to_dict() | {"trusted": self.costs.trusted},
+            "learned_step_s": self.curve.snapshot(),
             "tokens_per_s": rates,
         }
+
+
+_EMPTY: dict[torch.device, Draft] = {}
+
+
+def _empty(device: torch.device) -> Draft:
+    """A shared empty draft per device (never modified: the engine only reads drafts)."""
+    out = _EMPTY.get(device)
+    if out is None:
+        out = _EMPTY[device] = Draft.empty(1, device)
+    return out
 
 
 def _truncate(draft: Draft, k: int) -> Draft:

@@ -139,21 +139,30 @@ def categorical(
 ) -> torch.Tensor:
     """Draw one index per row from non-negative, possibly unnormalised `weights` [B, V].
 
-    Inverse CDF with one uniform per row (`uniform` [B] in [0, 1)): the index i with
-    C[i-1] <= u * C[V-1] < C[i], C = cumsum(weights). The returned token always has positive
-    weight (C[i] > C[i-1]). Rows whose total is 0 (possible only through round-off, e.g. an
-    empty residual) are drawn from the matching `fallback` row instead, if given.
+    Inverse CDF with one uniform per row (`uniform` [B] in [0, 1), any float dtype): the index i
+    with C[i-1] <= u * C[V-1] < C[i], C = cumsum(weights) in float64 for float64 weights, else in
+    float32 (a bfloat16 / float16 sum would saturate). Rows whose total is 0 (possible only
+    through round-off, e.g. an empty residual) are drawn from the matching `fallback` row
+    instead, if given.
+
+    The returned token always has positive weight: C is non-decreasing (w >= 0), so
+    L = min{i : C[i] >= C[V-1]} has C[L] > C[L-1], i.e. w_L > 0 (L is the last index with
+    positive weight), and the result is min(i, L). For u < 1 in the work dtype, u * C[V-1] <
+    C[V-1] (normal totals), so i <= L already; the min matters where the product reaches the
+    total: a float64 u >= 1 - 2^-25 cast to float32 is 1.0 (probability 2^-25, mass that lies
+    in L's interval unless w_L < 2^-25 of the total), or a subnormal total. Casting u to
+    float32 elsewhere moves each interval boundary by at most 2^-25 of the total, below the
+    float32 cumsum's own round-off. A row of zeros (no fallback) gives index 0.
     """
-    csum = weights.cumsum(-1)
-    total = csum[:, -1:]
+    work = torch.float64 if weights.dtype == torch.float64 else torch.float32
+    csum = weights.to(work).cumsum(-1)
     if fallback is not None:
-        empty = total[:, 0] <= 0
+        empty = csum[:, -1] <= 0
         if bool(empty.any()):
-            csum = torch.where(empty[:, None], fallback.cumsum(-1), csum)
-            total = csum[:, -1:]
-    target = uniform.to(csum.dtype)[:, None] * total
-    idx = torch.searchsorted(csum, target, right=True)
-    return idx.clamp_(max=weights.shape[-1] - 1).squeeze(-1)
+            csum = torch.where(empty[:, None], fallback.to(work).cumsum(-1), csum)
+    total = csum[:, -1:].contiguous()  # [B, 1]
+    idx = torch.searchsorted(csum, uniform.to(work)[:, None] * total, right=True)
+    return torch.minimum(idx, torch.searchsorted(csum, total)).squeeze(-1)
 
 
 def make_generators(

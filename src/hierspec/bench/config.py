@@ -12,16 +12,16 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..methods import METHOD_SYNTAX, MethodError, MethodSpec, check_ssd_gammas, parse_method
 from ..methods.spec import AUTO_K_MAX, LOOKUP_LEVELS, parse_gamma
-from .prompts import PROMPT_SETS, Prompt, load_prompt_set, specbench_prompts
+from ..prompts import PROMPT_SETS, Prompt, encode_prompt, load_prompt_set, specbench_prompts
 
-SPEC_RULES = ("token", "block", "hsd")
+SPEC_RULES = ("token", "block", "hsd", "match")
 DTYPES = ("float32", "bfloat16")
 WARMUP_TOKENS = 16
 HF_PLD_MAX_NGRAM = 3  # = NgramDrafter's default max_ngram, so both prompt lookups match n = 3..1
@@ -51,7 +51,7 @@ class BenchConfig:
     methods: list[MethodSpec] = field(
         default_factory=lambda: [MethodSpec("ar", "ar"), MethodSpec("ngram", "ngram")]
     )
-    rules: list[str] = field(default_factory=lambda: list(SPEC_RULES))
+    rules: list[str] = field(default_factory=lambda: list(SPEC_RULES[:3]))  # match: on request
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
     gammas: list[int] = field(default_factory=lambda: [3, 5])
     dtype: str = "float32"
@@ -143,12 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, cuda:N or auto")
     ap.add_argument(
-        "--sets", help="comma list of code, chat, prose, specbench:PATH (default code,chat,prose)"
+        "--sets",
+        help="comma list of code, chat, prose, copy, long (700-1500-token summarization and RAG), "
+        "specbench:PATH (default code,chat,prose)",
     )
     ap.add_argument("--n", type=int, help="prompts per set (per category for specbench:PATH); default 10")
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of each set")
     ap.add_argument("--methods", help=f"comma list of {METHOD_SYNTAX} (default ar,ngram,hf-ngram)")
-    ap.add_argument("--rules", help="verification rules at T > 0: token,block,hsd (default all)")
+    ap.add_argument(
+        "--rules", help="verification rules at T > 0: token,block,hsd,match (match: the engines' rule; "
+        "default token,block,hsd)"
+    )
     ap.add_argument("--temperatures", help="comma list, 0 = greedy (default 0,0.7,1.0)")
     ap.add_argument(
         "--gammas",
@@ -335,17 +340,46 @@ def load_prompts(cfg: BenchConfig) -> list[Prompt]:
     return prompts
 
 
-def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt: chat prompts through the chat template, raw text as is."""
-    if prompt.chat:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt.text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer(prompt.text)["input_ids"]
-    return [int(i) for i in ids]
+def contexts(target: Any, drafts: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(model, max_length)`` of the target and of every loaded draft that has one: a prompt
+    must fit all of them (every method runs on the same prompts)."""
+    out = [("the target", int(target.max_length))]
+    for path, d in drafts.items():
+        n = getattr(d, "max_length", None)
+        if isinstance(n, int) and n > 0:
+            out.append((f"the draft {path}", n))
+    return out
+
+
+def encode_prompts(
+    cfg: BenchConfig, tokenizer: Any, prompts: Sequence[Prompt], max_length: int | list[tuple[str, int]]
+) -> tuple[list[tuple[Prompt, list[int]]], list[dict]]:
+    """Token ids of every usable prompt, and the prompts skipped (``--on-error skip``).
+
+    ``max_length``: the target's context, or ``(model, context)`` of every model (`contexts`); a
+    prompt must leave room for at least one new token in each."""
+    limits = [("the target", max_length)] if isinstance(max_length, int) else list(max_length)
+    encoded: list[tuple[Prompt, list[int]]] = []
+    errors: list[dict] = []
+    for p in prompts:
+        ids = encode_prompt(tokenizer, p)
+        problem = None
+        too_small = [(what, n) for what, n in limits if len(ids) >= n]
+        if not ids:
+            problem = "the prompt encodes to no tokens"
+        elif too_small:
+            what, n = min(too_small, key=lambda x: x[1])
+            problem = f"{len(ids)} tokens exceed the context of {what} ({n} tokens)"
+        if problem:
+            if cfg.on_error == "raise":
+                raise BenchError(f"prompt {p.id} ({p.category}): {problem} (--on-error skip skips it)")
+            print(f"hierspec bench: warning: skipping prompt {p.id}: {problem}", file=sys.stderr)
+            errors.append({"prompt_id": p.id, "category": p.category, "stage": "encode", "error": problem})
+            continue
+        encoded.append((p, ids))
+    if not encoded:
+        raise BenchError("no usable prompts")
+    return encoded, errors
 
 
 # ------------------------------------------------------------------------------------ cells

@@ -42,8 +42,13 @@ included, for hierspec and HF alike). For hierspec drafting methods at T > 0 the
 E[accepted | draft] next to the measured accepted count; that analysis time is measured inside the
 hook and subtracted from the run's time (reported separately, ``--no-expected-acceptance`` turns
 it off). Bad input (unknown method or set, malformed Spec-Bench line, missing draft path,
-unwritable output directory, bad SSD options) fails with exit status 2 before any model is loaded,
-and the report files are only written, each atomically, once everything has run.
+unwritable output directory, bad SSD options, a prompt longer than the target's or a draft's
+context) fails with exit status 2 before any model is loaded or any run starts, and the report
+files are written, each atomically, once everything has run. A run that stops early keeps what
+it finished: on Ctrl-C (exit status 130, marked as interrupted) and on an error in a generation
+with ``--on-error raise`` (exit status 1: one line on stderr naming the cell, the prompt and
+where the finished runs were written; results.json records the failure with its traceback).
+With ``--on-error skip`` a failing cell is recorded and the matrix goes on (warm-ups included).
 
 SSD rows: one speculator process per (draft, reply timeout) is started before the warm-ups (outside
 every timed region) and reused by every SSD cell (all prompts, temperatures, γ, rules, options);
@@ -63,12 +68,16 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..host import cpu_model
 from ..methods import MethodSpec, check_ssd_gammas, hf_module, parse_method
+from ..prompts import Prompt
 from .config import (
     TIME_COMPONENTS,
     WARMUP_TOKENS,
@@ -78,15 +87,19 @@ from .config import (
     build_parser,
     check_output_dir,
     config_from_args,
-    encode_prompt,
+    contexts,
+    encode_prompts,
     load_prompts,
     plan_cells,
 )
-from .prompts import Prompt
 from .runner import Runner, SSDSessions, _maxrss_mb
 
 
 def _seed(cfg: BenchConfig, prompt_index: int, repeat: int) -> int:
+    """The seed of a run, the same for every method: one per prompt and repeat (>= 0); the
+    warm-ups (``repeat`` -1, -2, ...) get seeds after those of every timed repeat (all >= 0)."""
+    if repeat < 0:
+        repeat = cfg.repeats - 1 - repeat
     return cfg.seed + 100_003 * repeat + prompt_index
 
 
@@ -121,31 +134,6 @@ def check_methods(cfg: BenchConfig, target: Any, drafts: dict[str, Any], heads: 
             check_ssd_gammas(m, cfg.gammas)
 
 
-def encode_prompts(
-    cfg: BenchConfig, tokenizer: Any, prompts: Sequence[Prompt], max_length: int
-) -> tuple[list[tuple[Prompt, list[int]]], list[dict]]:
-    """Token ids of every usable prompt, and the prompts skipped (``--on-error skip``)."""
-    encoded: list[tuple[Prompt, list[int]]] = []
-    errors: list[dict] = []
-    for p in prompts:
-        ids = encode_prompt(tokenizer, p)
-        problem = None
-        if not ids:
-            problem = "the prompt encodes to no tokens"
-        elif len(ids) >= max_length:
-            problem = f"{len(ids)} tokens exceed the target's context of {max_length}"
-        if problem:
-            if cfg.on_error == "raise":
-                raise BenchError(f"prompt {p.id} ({p.category}): {problem} (--on-error skip skips it)")
-            print(f"hierspec bench: warning: skipping prompt {p.id}: {problem}", file=sys.stderr)
-            errors.append({"prompt_id": p.id, "category": p.category, "stage": "encode", "error": problem})
-            continue
-        encoded.append((p, ids))
-    if not encoded:
-        raise BenchError("no usable prompts")
-    return encoded, errors
-
-
 class _Matrix:
     """The timed part of a run: warm-ups, then every cell on every prompt and repeat (order
     rotated per prompt), accumulating rows, errors and the time inside generation calls."""
@@ -157,13 +145,39 @@ class _Matrix:
         self.t_gen = self.t_analysis = self.t_warm = 0.0
         self.warm_rss: dict[tuple[str, float], float] = {}
         self.interrupted = False
+        self.failed: dict | None = None  # the run that stopped the matrix (``--on-error raise``)
 
-    def warm_up(self, ids: list[int]) -> None:
+    def _failure(self, record: dict, err: Exception) -> bool:
+        """Record a failed run: True to go on (``--on-error skip``), False to stop (then
+        ``self.failed`` holds the record, with the traceback)."""
+        error = f"{type(err).__name__}: {err}"
+        if self.cfg.on_error == "raise":
+            tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+            self.failed = {**record, "error": error, "traceback": tb}
+            return False
+        print(
+            f"hierspec bench: warning: {record['label']} on {record['prompt_id']} failed "
+            f"({record['stage']}): {err}",
+            file=sys.stderr,
+        )
+        self.errors.append({**record, "error": error})
+        self.bar.update()
+        return True
+
+    def warm_up(self, p: Prompt, ids: list[int]) -> None:
         for w in range(self.cfg.warmup):
             for cell in self.cells:
                 t0 = time.perf_counter()
                 max_new = min(WARMUP_TOKENS, self.cfg.max_new_tokens)
-                row = self.runner.run(cell, ids, _seed(self.cfg, 0, -1 - w), max_new, False)
+                seed = _seed(self.cfg, 0, -1 - w)
+                try:
+                    row = self.runner.run(cell, ids, seed, max_new, False)
+                except Exception as err:
+                    record = {"prompt_id": p.id, "category": p.category, "label": cell.label}
+                    record.update(method=cell.method.name, temperature=cell.temperature, seed=seed)
+                    if self._failure({**record, "stage": "warmup"}, err):
+                        continue
+                    raise
                 self.t_warm += time.perf_counter() - t0 - row.get("ssd", {}).get("time_sync_s", 0.0)
                 key = (cell.label, cell.temperature)
                 self.warm_rss[key] = self.warm_rss.get(key, 0.0) + row["rss_peak_raise_mb"]
@@ -195,12 +209,9 @@ class _Matrix:
         try:
             row = self.runner.run(cell, ids, seed, self.cfg.max_new_tokens, self.cfg.expected_acceptance)
         except Exception as err:
-            if self.cfg.on_error == "raise":
-                raise
-            print(f"hierspec bench: warning: {cell.label} on {p.id} failed: {err}", file=sys.stderr)
-            self.errors.append({**base, "stage": "generate", "error": f"{type(err).__name__}: {err}"})
-            self.bar.update()
-            return
+            if self._failure({**base, "stage": "generate"}, err):
+                return
+            raise
         self.t_gen += row["time_call_s"]
         self.t_analysis += row["time_analysis_s"]
         row["tokens_per_s"] = row["new_tokens"] / row["time_s"] if row["time_s"] > 0 else 0.0
@@ -227,7 +238,10 @@ def run_bench(
     what its speculator process re-creates the draft from (see `hierspec.ssd.SSDSession`;
     default: the loaded draft itself, pickled to the process). Raises BenchError for unusable
     input (found before anything runs). On KeyboardInterrupt the rows finished so far are
-    returned with ``"interrupted": True`` (the caller writes them, marked as interrupted).
+    returned with ``"interrupted": True`` (the caller writes them, marked as interrupted). When a
+    run fails with ``on_error="raise"`` its exception propagates (SSD speculators stopped first)
+    carrying the rows finished so far as ``err.bench_results``, with ``"failed"``: the failed
+    run's record (cell, prompt, stage, error, traceback); `main` writes them.
 
     Steps: check the methods; encode the prompts; start SSD speculators; warm up every cell; run
     the timed matrix; summarise timing and memory."""
@@ -235,7 +249,7 @@ def run_bench(
 
     drafts, heads = dict(drafts or {}), dict(heads or {})
     check_methods(cfg, target, drafts, heads)
-    encoded, encode_errors = encode_prompts(cfg, tokenizer, prompts, target.max_length)
+    encoded, encode_errors = encode_prompts(cfg, tokenizer, prompts, contexts(target, drafts))
     cells = plan_cells(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -250,6 +264,7 @@ def run_bench(
     matrix: _Matrix | None = None
     t_wall0 = time.perf_counter()
     sync0 = 0.0
+    failure: Exception | None = None
     try:
         # SSD speculators start here, outside every timed region (and before the forward counters
         # are hooked in, so a draft model passed as its own spec pickles cleanly)
@@ -259,11 +274,16 @@ def run_bench(
         matrix = _Matrix(cfg, runner, cells, bar)
         t_wall0, sync0 = time.perf_counter(), ssd.sync_s
         try:
-            matrix.warm_up(encoded[0][1])
+            matrix.warm_up(*encoded[0])
             runner.clear_caches()
             matrix.run(encoded)
         except KeyboardInterrupt:
             matrix.interrupted = True
+        except Exception as err:  # keep the finished runs (re-raised below, carrying them)
+            failure = err
+            if matrix.failed is None:  # outside a generation call
+                tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+                matrix.failed = {"stage": "harness", "error": f"{type(err).__name__}: {err}", "traceback": tb}
     finally:
         bar.close()
         if runner is not None:
@@ -271,8 +291,8 @@ def run_bench(
         ssd.close()  # stops every speculator and restores the bench's affinity and threads
     wall = time.perf_counter() - t_wall0
     _mark_identity(matrix.rows)
-    oracle = _oracle(target) if any(c.gamma == 0 for c in cells) else None
-    return {
+    oracle = _oracle(target) if failure is None and any(c.gamma == 0 for c in cells) else None
+    results = {
         "config": cfg.to_dict(),
         "target": target_name,
         "cells": [
@@ -291,6 +311,7 @@ def run_bench(
         "rows": matrix.rows,
         "errors": encode_errors + matrix.errors,
         "interrupted": matrix.interrupted,
+        "failed": matrix.failed,
         "oracle": oracle,
         "timing": _timing(matrix, ssd, wall, ssd.sync_s - sync0),
         "ssd": ssd.info() if ssd.sessions else None,
@@ -304,6 +325,10 @@ def run_bench(
             ],
         },
     }
+    if failure is not None:
+        failure.bench_results = results  # type: ignore[attr-defined]
+        raise failure
+    return results
 
 
 def _oracle(target: Any) -> dict:
@@ -354,15 +379,7 @@ def _mark_identity(rows: list[dict]) -> None:
 # ------------------------------------------------------------------------------------ machine
 def machine_info() -> dict:
     """CPU model and capability, core count, library versions."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model() or platform.processor() or ""
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:
@@ -427,9 +444,29 @@ def load_models(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any], dict[int, A
     return opened.model, opened.tokenizer, models.drafts, models.heads, opened.name
 
 
+def _stopped(results: dict, out: Path, load_s: float) -> int:
+    """A run failed (``--on-error raise``): write what finished, say so in one line; status 1."""
+    from .report import format_summary, write_partial
+
+    results["timing"]["model_load_s"] = load_s
+    results["machine"] = machine_info()
+    files = write_partial(results, out)
+    if results["rows"]:
+        print(format_summary(results))
+    f = results["failed"]
+    where = f"{f['label']} on prompt {f['prompt_id']}" if "label" in f else "the harness"
+    error = (f["error"].splitlines() or [""])[0]
+    print(
+        f"hierspec: error: {where} failed ({f['stage']}): {error}; wrote the {len(results['rows'])} "
+        f"finished runs and the failure to {files[0]} (--on-error skip goes on past failures)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``hierspec bench ...``: 0 on success, 2 on bad input (one line on stderr), 130 when
-    interrupted (what finished is written, marked as interrupted)."""
+    interrupted, 1 when a run failed (``--on-error raise``); in both what finished is written."""
     from ..methods import resolve_draft
     from ..ssd.draft_spec import DraftSpec
     from .report import format_summary, plots_available, write_report
@@ -453,17 +490,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             if m.kind == "ssd"
         }
         load_s = time.perf_counter() - t0
-        results = run_bench(
-            cfg,
-            target,
-            tok,
-            prompts,
-            drafts=drafts,
-            heads=heads,
-            draft_specs=specs,
-            target_name=name,
-            progress=progress,
-        )
+        try:
+            results = run_bench(
+                cfg,
+                target,
+                tok,
+                prompts,
+                drafts=drafts,
+                heads=heads,
+                draft_specs=specs,
+                target_name=name,
+                progress=progress,
+            )
+        except Exception as err:
+            partial = getattr(err, "bench_results", None)
+            if partial is None:
+                raise
+            return _stopped(partial, cfg.out, load_s)
         results["timing"]["model_load_s"] = load_s
         results["machine"] = machine_info()
         files = write_report(results, cfg.out)

@@ -10,7 +10,10 @@ underlying model, and llama.cpp's own loops on the same GGUF.
 * ``llama-ar``: llama-cpp-python's high-level ``Llama.generate`` loop (plain decoding);
   ``llama-pld``: the same loop with ``LlamaPromptLookupDecoding(num_pred_tokens=gamma)``. Both run
   on a `Llama` object over the target's GGUF file, loaded once per run; the time covers the whole
-  call (prefill included), as for every other row.
+  call (prefill included), as for every other row. Settings: the target's context (``n_ctx``),
+  batch (``n_batch``, prompts longer than it are evaluated in chunks) and threads;
+  ``logits_all=True`` with a draft (see `_llama`). Like hierspec's engine, a run stops at the
+  context end: at most ``n_ctx - len(prompt)`` new tokens (`llama_room`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from ..methods import hf_module
 from .config import HF_PLD_MAX_NGRAM, Cell
 
-__all__ = ["HF_ASSISTED_DEFAULTS", "run_hf", "run_llama"]
+__all__ = ["HF_ASSISTED_DEFAULTS", "llama_room", "run_hf", "run_llama"]
 
 #: transformers' defaults for assisted generation (GenerationConfig): num_assistant_tokens and
 #: assistant_confidence_threshold (schedule "constant"); the hf-draft cell at gamma auto
@@ -89,27 +92,54 @@ def run_hf(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> 
     return _row(out[0, inp.shape[1] :].tolist(), runner.eos_token_id, t_call)
 
 
+#: llama.cpp pads a context to a multiple of this many positions
+CTX_PAD = 256
+
+
 def _llama(runner: Any, draft_tokens: int | None) -> Any:
     """llama-cpp-python's `Llama` over the target's GGUF (one per prompt-lookup length, cached on
-    the runner), with the target's context size and threads."""
+    the runner), with the target's context, batch size and threads. Two traps of `Llama`
+    (llama_cpp/llama.py, 0.3.x), both on long contexts:
+
+    * With a draft model it decodes with logits for every position and ``eval`` stores them in
+      ``self.scores[n_past : n_past + n]``, but ``__init__`` sizes that array by the *argument*
+      ``logits_all``: ``np.ndarray((n_ctx if logits_all == True else n_batch, n_vocab))``. With
+      the default ``logits_all=False`` every position past ``n_batch`` (a long prompt, or a prompt
+      plus its output) fails with "could not broadcast input array from shape (n*n_vocab,) into
+      shape (0,)". So ``logits_all=True`` with a draft (rows are paged in only as they are used).
+    * ``input_ids`` and ``scores`` have the ``n_ctx`` asked for, but the draft tokens are capped by
+      the context's own ``n_ctx()``, which llama.cpp pads up to a multiple of 256: near the end of
+      a 640-token context a draft overflows ``input_ids``. So ``n_ctx`` is asked padded already
+      (and once more with what the context reports, should it still differ); the runs stop at the
+      target's own context all the same (`run_llama`)."""
     cache = runner.__dict__.setdefault("_llama_peers", {})
     if draft_tokens not in cache:
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         target = runner.target
-        draft = LlamaPromptLookupDecoding(num_pred_tokens=draft_tokens) if draft_tokens else None
-        with _same_buffers_as(target):
-            cache[draft_tokens] = Llama(
-                model_path=str(target.path),
-                n_ctx=target.max_length,
-                n_threads=target.n_threads,
-                n_threads_batch=target.n_threads,
-                n_batch=target.n_batch,
-                flash_attn=True,  # the kernels hierspec's LlamaCppModel uses (batch-invariant rows)
-                draft_model=draft,
-                verbose=False,
-            )
+
+        def make(n_ctx: int) -> Any:
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=draft_tokens) if draft_tokens else None
+            with _same_buffers_as(target):
+                return Llama(
+                    model_path=str(target.path),
+                    n_ctx=n_ctx,
+                    n_threads=target.n_threads,
+                    n_threads_batch=target.n_threads,
+                    n_batch=target.n_batch,
+                    n_ubatch=target.n_batch,  # as LlamaCppModel: one physical batch per chunk
+                    logits_all=draft is not None,
+                    flash_attn=True,  # the kernels hierspec's LlamaCppModel uses (batch-invariant rows)
+                    draft_model=draft,
+                    verbose=False,
+                )
+
+        n_ctx = -(-int(target.max_length) // CTX_PAD) * CTX_PAD
+        llm = make(n_ctx)
+        if llm.n_ctx() != n_ctx:
+            llm = make(llm.n_ctx())
+        cache[draft_tokens] = llm
     return cache[draft_tokens]
 
 
@@ -135,9 +165,22 @@ def _same_buffers_as(target: Any) -> Iterator[None]:
         lib.llama_model_default_params = original
 
 
+def llama_room(n_ctx: int, prompt_tokens: int, max_new: int) -> int:
+    """New tokens a run may emit in a context of ``n_ctx``: ``max_new``, at most up to the
+    context end (the last emitted token is never evaluated). ValueError if the prompt fills it."""
+    room = n_ctx - prompt_tokens
+    if room <= 0:
+        raise ValueError(
+            f"the prompt of {prompt_tokens} tokens fills the llama.cpp peer's context of {n_ctx} tokens"
+        )
+    return min(max_new, room)
+
+
 def run_llama(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
     """One generation with llama-cpp-python's own loop on the target's GGUF (see module docstring)."""
     llm = _llama(runner, cell.gamma if cell.method.kind == "llama-pld" else None)
+    # the target's context (llama.cpp may round the peer's up, e.g. 640 -> 768): as hierspec AR
+    max_new = llama_room(min(llm.n_ctx(), runner.target.max_length), len(ids), max_new)
     llm.reset()  # else `generate` silently reuses the KV cache of the previous call's common prefix
     llm.set_seed(seed % 2**31)
     kw: dict[str, Any] = {"reset": True}

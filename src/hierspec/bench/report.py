@@ -40,13 +40,6 @@ from .config import TIME_COMPONENTS
 from .plots import make_plots, overall
 from .summary import summarize
 
-PLOTS = (
-    "speedup_by_category.png",
-    "acceptance_vs_gamma.png",
-    "per_position_acceptance.png",
-    "time_breakdown.png",
-)
-
 
 def plots_available() -> bool:
     try:
@@ -261,6 +254,19 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
             "reported; cells and prompts after the interruption are missing.",
             "",
         ]
+    failed = results.get("failed")
+    if failed:
+        where = f"`{failed['label']}` on prompt {failed['prompt_id']}" if "label" in failed else "the harness"
+        out += [
+            f"**Stopped by an error** ({failed['stage']} of {where}): only the "
+            f"{len(results['rows'])} runs that finished are reported; the rest is missing "
+            "(`--on-error skip` records failures and goes on).",
+            "",
+            "```",
+            failed.get("traceback") or failed["error"],
+            "```",
+            "",
+        ]
     out += [
         "## Machine",
         "",
@@ -430,6 +436,19 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out)
+
+
+def write_partial(results: dict, out: str | os.PathLike[str]) -> list[Path]:
+    """`write_report` for a run stopped early; should the report itself fail on the partial rows,
+    results.json alone (with ``report_error``). results.json comes first in the list."""
+    try:
+        return write_report(results, out)
+    except Exception as err:
+        results.pop("summary", None)
+        results["report_error"] = f"{type(err).__name__}: {err}"
+        path = Path(out) / "results.json"
+        write_bytes_atomic(path, json.dumps(results, indent=1, default=str).encode())
+        return [path]
 
 
 def write_report(results: dict, out: str | os.PathLike[str]) -> list[Path]:

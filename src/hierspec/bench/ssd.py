@@ -115,7 +115,7 @@ def run_smollm(
     cores); SSD runs the verifier on one core and the speculator on the other (one thread each).
     """
     from ..models import load_draft, load_smollm2, shipped
-    from .prompts import load_prompt_set
+    from ..prompts import load_prompt_set
 
     path = str(shipped.draft_path(draft_name)) if draft_name in shipped.DRAFTS else draft_name
     target, tok = load_smollm2(torch.float32)

@@ -1,4 +1,5 @@
-"""Command line: ``hierspec generate | calibrate | plan | bench | bench-verify | train-draft``.
+"""Command line: ``hierspec generate | serve | calibrate | plan | bench | bench-serve | bench-verify |
+train-draft``.
 
     hierspec generate --prompt "Write a haiku about the sea." --chat --compare
     hierspec generate --prompt "def fib(n):" --method 'hierarchy:ngram@2+small@3' --json
@@ -30,12 +31,14 @@ DTYPES = ("float32", "bfloat16")
 
 def _build_parser() -> argparse.ArgumentParser:
     from ..models.open import BACKENDS
-    from ..ssd.cli import add_ssd_arguments
+    from ..ssd.arguments import add_ssd_arguments
 
     ap = argparse.ArgumentParser(prog="hierspec", description="Lossless speculative decoding.")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text with speculative decoding")
-    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument(
+        "--prompt", required=True, help="prompt text (UTF-8; other bytes are an error, exit status 2)"
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_model_arguments(g, BACKENDS)
     g.add_argument(
@@ -70,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--rule",
         default="block",
-        choices=("token", "block", "hsd"),
+        choices=("token", "block", "hsd", "match"),
         help="verification rule at temperature > 0 (greedy at temperature 0); every level of a "
         "hierarchy and both HiSpec stages use it",
     )
@@ -84,7 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed, an integer in [0, 2^63) (default 0)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object, no streaming")
@@ -109,8 +112,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", required=True)
     p.add_argument("--n-max", type=int, default=8, help="largest batch length per level")
     p.add_argument("--top", type=int, default=5)
+    from .serve import add_serve_arguments
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_arguments(s, BACKENDS)
+    add_serve_arguments(s)
     sub.add_parser("bench", help="benchmark matrix with peers and a report (--help for options)")
     sub.add_parser("bench-verify", help="micro-benchmark of the verification rules (--help for options)")
+    sub.add_parser("bench-serve", help="OpenAI servers under concurrent load (--help for options)")
     sub.add_parser("train-draft", help="distil a draft or early-exit head (--help for options)")
     return ap
 
@@ -144,6 +153,7 @@ def _add_model_arguments(p: argparse.ArgumentParser, backends: tuple[str, ...]) 
 DELEGATED = {
     "bench": "hierspec.bench.harness",
     "bench-verify": "hierspec.bench.microbench",
+    "bench-serve": "hierspec.bench.serving_cli",
     "train-draft": "hierspec.train.cli",
 }
 
@@ -173,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                 from .calibrate import run_calibrate
 
                 return run_calibrate(args)
+            if args.command == "serve":
+                from .serve import run_serve
+
+                return run_serve(args)
             if args.command == "plan":
                 from .calibrate import run_plan
 

@@ -11,12 +11,11 @@ from .flags import CliError
 
 
 def run_calibrate(args: Any) -> int:
-    from ..bench.config import encode_prompt
-    from ..bench.prompts import load_prompt_set
     from ..calibrate import calibrate
     from ..files import check_writable_file
     from ..methods import MethodError, ModelSet, lookup_drafter
     from ..models.open import open_target
+    from ..prompts import encode_prompt, load_prompt_set
     from ..sampling import SamplingParams
 
     check_writable_file(args.out, "--out")

@@ -15,14 +15,46 @@ here runs before any model is loaded; errors name the flag.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..methods import ENTRIES, METHOD_SYNTAX
 
-__all__ = ["CliError", "method_type", "spec_from_flags"]
+__all__ = ["SEED_LIMIT", "CliError", "check_prompt", "check_seed", "method_type", "spec_from_flags"]
+
+#: seeds are 0 <= seed < SEED_LIMIT: every stream seed is then a non-negative int64 (torch's
+#: ``Generator.manual_seed`` takes [-2^63, 2^64) and silently remaps negative ones)
+SEED_LIMIT = 2**63
 
 
 class CliError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """``seed`` if 0 <= seed < 2^63 (`SEED_LIMIT`); CliError naming ``flag`` otherwise."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise CliError(f"{flag}: expected an integer in [0, 2^63), got {seed}")
+    return seed
+
+
+def check_prompt(text: str, flag: str = "--prompt") -> str:
+    """``text`` as valid Unicode; CliError naming ``flag`` if it is not UTF-8. Python hands argv
+    bytes that are not UTF-8 over as surrogate escapes (U+DC80..U+DCFF): `os.fsencode` recovers
+    the bytes, so the error shows them (a prompt is never decoded with replacement characters)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as err:
+        where = f"character {err.start}"
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate that no byte gave (from Python, not argv)
+        raise CliError(f"{flag}: not valid Unicode text (a lone surrogate at {where})") from None
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.end].hex(" ")
+        raise CliError(
+            f"{flag}: not valid UTF-8 (byte {bad} at byte offset {err.start}); give UTF-8 text"
+        ) from None
 
 
 def method_type(text: str) -> str:

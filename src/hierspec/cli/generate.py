@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from .flags import CliError, spec_from_flags
+from .flags import CliError, check_prompt, check_seed, spec_from_flags
 
 _WARMUP_PROMPT = 16  # tokens: a warm-up never repeats a long prefill
 
@@ -51,6 +51,8 @@ def _check(args: Any) -> tuple[Any, Any, int, str]:
         raise CliError(f"--gamma must be >= 1 (or auto), got {args.gamma}") from None
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_seed(args.seed)
+    args.prompt = check_prompt(args.prompt)
     if not args.prompt.strip():
         raise CliError("--prompt is empty")
     if args.compare_backend and args.device != "cpu":
@@ -67,9 +69,8 @@ def _check(args: Any) -> tuple[Any, Any, int, str]:
 
 
 def encode(tok: Any, text: str, chat: bool) -> list[int]:
-    """Token ids of a prompt (chat prompts through the template): the bench's `encode_prompt`."""
-    from ..bench.config import encode_prompt
-    from ..bench.prompt import Prompt
+    """Token ids of a prompt (chat prompts through the template): `hierspec.prompts.encode_prompt`."""
+    from ..prompts import Prompt, encode_prompt
 
     return encode_prompt(tok, Prompt("cli", "cli", text, chat))
 
@@ -122,7 +123,7 @@ def run_generate(args: Any) -> int:
     stage = built.system.stage_stats(res) if built.system is not None else None
     plain = {}
     if args.compare:
-        plain[opened.backend] = build_method("ar", models).generate(ids, **kw)
+        plain[opened.backend] = build_method("ar", models, rule=args.rule).generate(ids, **kw)
     if args.compare_backend:
         other = "torch" if opened.backend == "llama.cpp" else "llama.cpp"
         try:
@@ -130,7 +131,7 @@ def run_generate(args: Any) -> int:
         except ValueError as err:
             print(f"hierspec: warning: --compare-backend: {err}", file=sys.stderr)
         else:
-            ar = build_method("ar", ModelSet(o.model, o.tokenizer, backend=other))
+            ar = build_method("ar", ModelSet(o.model, o.tokenizer, backend=other), rule=args.rule)
             ar.generate(ids[:_WARMUP_PROMPT], **{**kw, "max_new_tokens": 4})
             plain[other] = ar.generate(ids, **kw)
     info = {
@@ -201,7 +202,7 @@ def _print_stats(res: Any, info: dict, stage: dict | None, adaptive: dict | None
         file=err,
     )
     if hasattr(s, "hit_rate"):
-        from ..ssd.cli import ssd_summary_lines
+        from ..ssd.arguments import ssd_summary_lines
 
         for line in ssd_summary_lines(s):
             print(line, file=err)

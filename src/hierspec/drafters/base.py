@@ -119,6 +119,14 @@ class FeatureDrafter(Protocol):
         ...
 
 
+@runtime_checkable
+class StepObserver(Protocol):
+    """A drafter told each step's outcome by the engine, after verification and before the
+    commit: ``drafted`` tokens were verified, ``accepted`` of them kept, ``tokens`` emitted."""
+
+    def observe_step(self, drafted: int, accepted: int, tokens: list[int]) -> None: ...
+
+
 def check_context(context: torch.Tensor) -> None:
     """Drafters work at batch size 1: `context` must be [1, L]."""
     if context.dim() != 2 or context.shape[0] != 1:

@@ -92,10 +92,6 @@ class SuffixIndex:
     def num_segments(self) -> int:
         return len(self._segments)
 
-    @property
-    def nbytes(self) -> int:
-        return self._buf.nbytes + self._keys.nbytes + self._pos.nbytes
-
     def tokens(self, segment: int = -1) -> np.ndarray:
         s, e = self._segments[segment]
         return self._buf[s:e]

@@ -2,7 +2,7 @@
 ``hierarchy:ngram@2+small@3``, ...) -> what runs it. See `hierspec.methods.spec` for the grammar
 and `hierspec.methods.registry` for the entries (one per method: parse + build)."""
 
-from .models import ModelSet, backend_of, hf_module, resolve_draft
+from .modelset import ModelSet, backend_of, hf_module, resolve_draft
 from .registry import (
     ENTRIES,
     METHOD_SYNTAX,

@@ -26,7 +26,7 @@ from ..drafters import NgramDrafter
 from ..drafters.model import ModelDrafter
 from ..engine import GenerationResult, generate
 from ..models.base import LanguageModel
-from .models import ModelSet
+from .modelset import ModelSet
 from .spec import AUTO_K_MAX, LOOKUP_LEVELS, SSD_OPTIONS, MethodError, MethodSpec, check_model_ref, ints
 
 __all__ = [
@@ -46,7 +46,11 @@ __all__ = [
 class Built:
     """A method ready to run: the engine's ``target`` view and ``drafter`` with ``gamma`` draft
     tokens per step (a ``tree`` shape for tree methods), or a self-speculative ``system`` with
-    its own loop; ``options`` hold what peer / SSD runners need; ``note`` is shown to the user."""
+    its own loop; ``options`` hold what peer / SSD runners need; ``note`` is shown to the user.
+
+    ``rule`` is the verification rule at temperature > 0 it was built with (`build_method`'s):
+    the one source of truth, used by every level of a hierarchy, both HiSpec stages and the
+    final verification of `generate`."""
 
     spec: MethodSpec
     target: Any
@@ -56,15 +60,23 @@ class Built:
     system: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     note: str | None = None
+    rule: str = "block"
 
     def generate(self, prompt_ids: Sequence[int], **kwargs: Any) -> GenerationResult:
-        """`hierspec.engine.generate` (or the system's own loop) with this method; ``kwargs`` are
-        generate's (params, max_new_tokens, eos_token_id, stop_strings, tokenizer, seed, ...)."""
+        """`hierspec.engine.generate` (or the system's own loop) with this method and its
+        ``rule``; ``kwargs`` are generate's (params, max_new_tokens, eos_token_id, stop_strings,
+        tokenizer, seed, ...). A ``rule=`` other than the built one is a ValueError (rebuild with
+        ``build_method(..., rule=...)``): the drafter's own levels were built with it."""
+        rule = kwargs.pop("rule", self.rule)
+        if rule != self.rule:
+            raise ValueError(
+                f"rule: method {self.spec.name!r} was built to verify with {self.rule!r} "
+                f"(build_method(..., rule=...)); got {rule!r}"
+            )
         if self.system is not None:
-            return self.system.generate(prompt_ids, **kwargs)
-        return generate(
-            self.target, prompt_ids, drafter=self.drafter, gamma=self.gamma, tree=self.tree, **kwargs
-        )
+            return self.system.generate(prompt_ids, rule=rule, **kwargs)
+        kw = dict(drafter=self.drafter, gamma=self.gamma, tree=self.tree, rule=rule)
+        return generate(self.target, prompt_ids, **kw, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -359,7 +371,7 @@ def check_ssd_gammas(m: MethodSpec, gammas: Sequence[int]) -> None:
 def _build_ssd(spec: MethodSpec, models: ModelSet, rule: str, gamma: int) -> Built:
     """The verifier side; the speculator process re-creates the draft with the one loader."""
     from ..ssd.draft_spec import DraftSpec
-    from .models import resolve_draft
+    from .modelset import resolve_draft
 
     kw = {k: v for k, v in spec.ssd_kwargs.items() if k != "reply_timeout_s"}
     timeout = spec.ssd_kwargs.get("reply_timeout_s", 60.0)
@@ -550,6 +562,13 @@ def build_method(spec: MethodSpec | str, models: ModelSet, *, rule: str = "block
     if isinstance(spec, str):
         spec = parse_method(spec)
     check_runnable(spec, models.backend)
+    built = _build(spec, models, rule, gamma)
+    built.rule = rule
+    return built
+
+
+def _build(spec: MethodSpec, models: ModelSet, rule: str, gamma: int) -> Built:
+    """The entry's build at the draft length ``gamma`` means (see `build_method`)."""
     if gamma:
         return ENTRIES[spec.kind].build(spec, models, rule, gamma)
     if spec.kind in SELF_SPECULATORS:  # their own loop and block size: a fixed length

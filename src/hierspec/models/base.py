@@ -75,10 +75,6 @@ class LanguageModel(Protocol):
         """Empty the cache (equivalent to ``crop(0)``)."""
         ...
 
-    def cost_per_forward(self, num_tokens: int) -> float | None:
-        """Calibrated seconds per forward of ``num_tokens`` new tokens, or None if unknown."""
-        ...
-
 
 @runtime_checkable
 class PrefillModel(LanguageModel, Protocol):

@@ -389,20 +389,6 @@ class EarlyExitDraft:
         self._length = 0
         self._batch = None
 
-    def share_cache(self, cache: DynamicCache, length: int) -> None:
-        """Cache-sharing hook (`hierspec.hispec` shares layers through `hierspec.models.layered`
-        instead and does not call it): adopt ``cache`` (e.g. the target's own DynamicCache, whose
-        layers < L hold exactly these keys/values) as this draft's cache, holding ``length``
-        positions. The caller then owns the consistency of the shared cache: this draft's
-        forward appends to layers < L only, so the target must crop / re-fill its deeper layers
-        itself before its next forward.
-        """
-        self.cache = cache
-        self._length = int(length)
-
-    def cost_per_forward(self, num_tokens: int) -> float | None:
-        return None
-
     def __repr__(self) -> str:
         c = self.head.config
         return (

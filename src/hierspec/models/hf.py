@@ -25,8 +25,9 @@ returned there.
 
 Compilation (``compile=``, OFF by default): the decode and verify forwards go through
 ``torch.compile(model, dynamic=True)``. It is meant for CUDA, where a small model is bound by kernel
-launches; on the reference CPU ``torch.compile`` made a forward slower (61.5 ms vs 44.7 ms, see
-the models reference notes), so keep it off there. The first calls compile (minutes for inductor;
+launches; on a 2-vCPU AMD EPYC (AVX-512 BF16) ``torch.compile`` made a SmolLM2-135M bf16 forward
+at T = 1 slower (61.5 ms vs 44.7 ms: the matmul kernels, not Python overhead, set the CPU cost), so
+keep it off there. The first calls compile (minutes for inductor;
 a few graphs: prefill, T = 1, T > 1, tree masks) and later calls reuse them. CUDA graphs
 (``mode="reduce-overhead"``) are not used: they need fixed buffer addresses, i.e. a preallocated
 cache (transformers' ``StaticCache``), and transformers 5.23's ``StaticLayer`` has no ``crop``.
@@ -380,10 +381,6 @@ class HFModel:
         self._cache = _new_cache()
         self._length = 0
         self._batch = None
-
-    def cost_per_forward(self, num_tokens: int) -> float | None:
-        """Not calibrated here: always None (the engine may time forwards itself)."""
-        return None
 
     def __repr__(self) -> str:
         name = type(self.model).__name__

@@ -301,9 +301,6 @@ class ExitView:
         for i in range(self.j + 1):
             self.stack.truncate(i, 0)
 
-    def cost_per_forward(self, num_tokens: int) -> float | None:
-        return None
-
     def __repr__(self) -> str:
         return f"ExitView(exit={self.exit_layer}/{self.stack.num_layers}, cache_length={self.cache_length})"
 

@@ -20,8 +20,8 @@ tests/test_llamacpp.py).
 
 What this backend gives: float32 logits for every row, the last hidden states (after the final
 norm, from llama.cpp's embeddings output with pooling NONE) on ``output_hidden=True``, KV roll-back
-to any length. What it cannot do is listed in ``LlamaCppModel.UNSUPPORTED``: it has no
-``forward_tree`` / ``compact`` (tree attention), no layer-range forward (early exit), no batch > 1.
+to any length. What it cannot do: ``forward_tree`` / ``compact`` (tree attention), layer-range
+forwards (early exit), batch > 1 in ``forward`` (several sequences: `hierspec.models.llamacpp_batch`).
 
 Bad input (missing, unreadable, non-GGUF or truncated file, an architecture llama.cpp cannot load,
 ``n_ctx`` beyond the model's training context) raises FileNotFoundError / ValueError naming the
@@ -34,20 +34,19 @@ llama_cpp is imported lazily (in the constructor), so importing this module need
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import logging
 import os
 import sys
 import threading
 import weakref
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from hierspec.host import cpu_flags
 from hierspec.models.base import ForwardOutput
 
 GGUF_MAGIC = b"GGUF"
@@ -136,14 +135,7 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
 
 def host_has_amx() -> bool:
     """Whether this CPU advertises Intel AMX (``amx_tile`` in /proc/cpuinfo; False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_tile" in line.split()
-    except OSError:
-        pass
-    return False
+    return "amx_tile" in cpu_flags()
 
 
 def _import_llama_cpp() -> Any:
@@ -205,19 +197,18 @@ class LlamaCppModel:
         flash_attn: use llama.cpp's flash-attention kernel (None: llama.cpp decides, "auto").
         verbose: let llama.cpp print its log to stderr.
         check_ids: check every forward that ids lie in ``[0, vocab_size)``.
+        n_seq_max: sequences the context holds, each with its own KV stream of ``n_ctx`` positions
+            (``forward`` / ``crop`` address sequence 0; `hierspec.models.llamacpp_batch` all).
 
     Logits are float32 ``[1, T, V]`` ordinary CPU tensors (callers may modify them).
-    ``cost_per_forward`` returns None until costs are given with `set_costs` (e.g. from
-    ``hierspec.calibrate.measure_costs(model, sizes, context)``).
     """
 
     backend: ClassVar[str] = BACKEND
-    #: what this backend cannot do (the torch backend can): checked by the caller, named in errors
-    UNSUPPORTED: ClassVar[dict[str, str]] = {
-        "tree": "tree attention (forward_tree / compact)",
-        "early_exit": "forwards over a range of layers (early-exit drafts)",
-        "batch": "batch size > 1",
-    }
+    #: torch's intra-op threads while this model decodes (`hierspec.engine.generate` sets them):
+    #: the per-step torch work (processing and verifying k + 1 rows) is small, and more threads
+    #: spin against llama.cpp's own. Measured on the 2-core host with one core busy: a greedy
+    #: verification of one 49,152-wide row took 214 us at 1 thread and 8 ms at 2.
+    torch_threads: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -230,8 +221,11 @@ class LlamaCppModel:
         flash_attn: bool | None = None,
         verbose: bool = False,
         check_ids: bool = True,
+        n_seq_max: int = 1,
     ) -> None:
-        for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch)):
+        for name, value in (
+            ("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("n_seq_max", n_seq_max)
+        ):  # fmt: skip
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         self.path = check_gguf_file(path)
@@ -275,11 +269,13 @@ class LlamaCppModel:
         self.n_threads: int = int(n_threads or _default_threads())
         self.n_batch: int = int(min(n_batch or DEFAULT_BATCH, self.max_length))
 
+        self.n_seq_max: int = int(n_seq_max)
         cparams = lcp.llama_context_default_params()
-        cparams.n_ctx = self.max_length
+        cparams.n_ctx = self.max_length * self.n_seq_max  # a KV stream of max_length per sequence
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = self.n_seq_max
+        cparams.kv_unified = False
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         cparams.embeddings = False
@@ -318,7 +314,6 @@ class LlamaCppModel:
 
         self.check_ids = check_ids
         self._length = 0
-        self._costs: tuple[list[int], list[float]] | None = None
         self.metadata: dict[str, str] = self._read_metadata()
         self.architecture: str = self.metadata.get("general.architecture", "")
         self.ftype: str = self._ftype_name()
@@ -495,26 +490,6 @@ class LlamaCppModel:
         self._length = 0
 
     # ------------------------------------------------------------------ costs
-    def set_costs(self, sizes: Sequence[int], seconds: Sequence[float]) -> None:
-        """Record measured seconds per forward of ``sizes[i]`` tokens (e.g.
-        ``model.set_costs(sizes, hierspec.calibrate.measure_costs(model, sizes, context))``)."""
-        pairs = sorted(zip((int(n) for n in sizes), (float(s) for s in seconds), strict=True))
-        if not pairs or pairs[0][0] < 1 or len({n for n, _ in pairs}) != len(pairs):
-            raise ValueError(f"sizes must be distinct integers >= 1, got {list(sizes)}")
-        self._costs = ([n for n, _ in pairs], [s for _, s in pairs])
-
-    def cost_per_forward(self, num_tokens: int) -> float | None:
-        """Seconds per forward of ``num_tokens`` tokens, linearly interpolated (extrapolated past
-        the ends) from `set_costs`; None if no costs were set."""
-        if self._costs is None:
-            return None
-        xs, ys = self._costs
-        if len(xs) == 1 or num_tokens <= xs[0]:
-            return ys[0]
-        i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return y0 + (y1 - y0) * (num_tokens - x0) / (x1 - x0)
-
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Free llama.cpp's model, context and batch now (the object is unusable afterwards)."""

@@ -4,11 +4,20 @@
                 metadata, an early-exit head (`load_early_exit`, needs the target)
 *.gguf          a transformers model from a GGUF file (`HFModel.from_pretrained`)
 a directory     a transformers model directory
+
+Progress bars: transformers draws a tqdm bar on stderr while it de-quantizes a GGUF ("Converting
+and de-quantizing GGUF tensors"), with tqdm directly, so neither its own switch
+(``transformers.utils.logging.disable_progress_bar``) nor huggingface_hub's silences it. Under
+``--json`` (stderr for errors only; the CLI then sets ``HF_HUB_DISABLE_PROGRESS_BARS=1``) every
+load runs inside `quiet_progress`: every tqdm bar created meanwhile (transformers' and the hub's
+are tqdm subclasses) is disabled, and tqdm is restored afterwards.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,7 +26,34 @@ from hierspec.models.draft import DraftFileError, load_draft
 from hierspec.models.early_exit import FORMAT_EARLY_EXIT, load_early_exit
 from hierspec.models.hf import HFModel
 
-__all__ = ["load_draft_model"]
+__all__ = ["load_draft_model", "progress_wanted", "quiet_progress"]
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def progress_wanted() -> bool:
+    """False when ``HF_HUB_DISABLE_PROGRESS_BARS`` is set to a true value (``--json`` sets it)."""
+    return os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() not in _TRUE
+
+
+@contextmanager
+def quiet_progress(enabled: bool | None = None) -> Iterator[None]:
+    """No progress bars inside the block unless ``enabled`` (None: `progress_wanted`)."""
+    if enabled if enabled is not None else progress_wanted():
+        yield
+        return
+    from tqdm import std
+
+    init = std.tqdm.__dict__["__init__"]  # a function or (tqdm >= 4.66) a partialmethod
+
+    def silent_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init.__get__(self, type(self))(*args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = silent_init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init  # type: ignore[method-assign]
 
 
 def load_draft_model(
@@ -31,6 +67,11 @@ def load_draft_model(
     spec = os.fspath(path)
     if not os.path.exists(spec):
         raise FileNotFoundError(f"draft {spec!r} does not exist")
+    with quiet_progress():
+        return _load(spec, dtype, target)
+
+
+def _load(spec: str, dtype: torch.dtype, target: Any) -> Any:
     if spec.endswith(".safetensors"):
         from safetensors import safe_open
 

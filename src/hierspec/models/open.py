@@ -129,14 +129,22 @@ def open_target(
     ``dtype`` applies to the torch backend (llama.cpp runs the GGUF's own types); ``needs`` (what
     each requested method needs of the target, `hierspec.methods.needs`) steers ``auto`` and is
     checked against the backend; ``n_ctx`` caps the context on llama.cpp. Errors name
-    ``--model`` / ``--backend``."""
+    ``--model`` / ``--backend``. No progress bar is drawn where ``HF_HUB_DISABLE_PROGRESS_BARS``
+    is set (``--json``), not even the GGUF conversion's (`hierspec.models.loading.quiet_progress`)."""
     from .catalog import resolve_model
+    from .loading import quiet_progress
 
     try:
         ref = resolve_model(model)
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"--model: {err}") from None
     chosen = choose_backend(backend, ref.format, needs, device)
+    with quiet_progress():
+        return _open(ref, chosen, dtype, device, n_ctx)
+
+
+def _open(ref: Any, chosen: str, dtype: str | torch.dtype, device: str, n_ctx: int | None) -> Opened:
+    """`open_target` on the chosen backend, the checks done."""
     name = ref.name or ref.path.name
     if chosen == "llama.cpp":
         from .llamacpp import LlamaCppModel

@@ -337,10 +337,6 @@ class TinyGPT(nn.Module):
         """Empty the cache (equivalent to ``crop(0)``)."""
         self._length = 0
 
-    def cost_per_forward(self, num_tokens: int) -> float | None:
-        """Unknown: always None."""
-        return None
-
     def extra_repr(self) -> str:
         return f"config={self.config}, cache_length={self._length}"
 

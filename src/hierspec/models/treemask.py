@@ -3,7 +3,7 @@
 Tree contract (shared with the drafters and the verifier)::
 
     parents: LongTensor [N] (or a list of ints), parents[0] == -1, 0 <= parents[i] < i for i >= 1
-             (checked by `hierspec.verify.tree.check_parents`, the one validator of this shape)
+             (checked by `hierspec.treeshape.check_parents`, the one validator of this shape)
     node 0 is the root = the last committed token (not yet in the KV cache)
     depth(0) = 0, depth(i) = depth(parents[i]) + 1
     node i runs at absolute position cache_length + depth(i) and attends to every cached
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hierspec.verify.tree import check_parents
+from hierspec.treeshape import check_parents
 
 __all__ = [
     "ancestor_mask",

@@ -26,13 +26,14 @@ class SSDOptions:
     """Settings of one SSD generation.
 
     gamma: draft tokens per round (K). budget: branches pre-speculated per round (sum of F_k,
-    >= gamma + 1; default 3 (gamma + 1), the reference F = 3). fanout: "uniform" | "geometric".
-    saguaro_c: Saguaro sampling constant C in (0, 1] (1 = plain sampling). fallback on a miss:
-    "jit" (the draft model drafts now) | "fast" (`fast_backup`: "ngram" prompt lookup padded with
-    random tokens, or "random" tokens; verified as a one-hot proposal). max_new_tokens: the token
-    budget of this generation (already capped by the target's context). force_miss (tests): never
-    use the cache. _report_unmodified_q: a test hook (the negative control), NOT exact: report q
-    instead of q' (set through `SSDSession._report_unmodified_q`, never by users).
+    >= gamma + 1; default 3 (gamma + 1): F = 3 per position, the SSD authors' example setting).
+    fanout: "uniform" | "geometric". saguaro_c: Saguaro sampling constant C in (0, 1] (1 = plain
+    sampling). fallback on a miss: "jit" (the draft model drafts now) | "fast" (`fast_backup`:
+    "ngram" prompt lookup padded with random tokens, or "random" tokens; verified as a one-hot
+    proposal). max_new_tokens: the token budget of this generation (already capped by the target's
+    context). force_miss (tests): never use the cache. _report_unmodified_q: a test hook (the
+    negative control), NOT exact: report q instead of q' (set through
+    `SSDSession._report_unmodified_q`, never by users).
     """
 
     gamma: int = 4

@@ -11,11 +11,12 @@ callable; or a picklable model object). Per round the verifier
     verifies [x_L, s_1..s_n] with the target (+ `emulate_verify_ms` of sleep), commits
     X_1..X_tau, Y and makes (tau, Y) the next key
 
-while the speculator pre-speculates the draft after every likely outcome of s_1..s_n. Every draft
-is verified with `speculative_step` against the exact rows it was drawn from (q', or one-hot for
+while the speculator pre-speculates the draft after every likely outcome of s_1..s_n. The rounds
+run in the engine's decode loop (`hierspec.engine.generate`, the speculator behind a drafter,
+`RemoteDrafter`): every draft is verified against the exact rows it was drawn from (q', or one-hot for
 fast backups), so the output is distributed exactly as the processed target, and is
 token-identical to greedy decoding at temperature 0 (the verifier's randomness is its own
-stream, `make_generators(seed, target.device)[1]`).
+streams, `hierspec.rng.Streams(seed, target.device)`).
 
 Faults: if the speculator process dies, closes its connection, or does not answer within
 `reply_timeout_s`, the verifier records the event in ``stats.fallback_events`` and finishes the
@@ -49,11 +50,10 @@ import torch.multiprocessing as mp
 
 from ..drafters.base import Draft
 from ..drafters.model import ModelDrafter
-from ..engine import GenerationResult, check_generate_args
+from ..engine import GenerationResult, check_generate_args, generate
 from ..models.base import LanguageModel
 from ..output import Output
-from ..sampling import SamplingParams, make_generators
-from ..step import speculative_step
+from ..sampling import SamplingParams
 from ..verify import get_rule
 from .channel import LocalChannel, ProcessChannel, SpeculatorFault, make_process_group, speculator_main
 from .draft_spec import build_draft_model, check_draft_spec, is_model
@@ -63,23 +63,6 @@ from .stats import SSDStats
 
 MODES = ("process", "local")
 FAULT_FALLBACKS = ("sd", "ar")
-
-
-class FixedDrafter:
-    """A drafter that proposes a given draft (truncated to the requested length)."""
-
-    vocab_size = None
-
-    def __init__(self, draft: Draft) -> None:
-        self.draft = draft
-
-    def propose(self, context, num_tokens, params=None, generator=None) -> Draft:
-        n = min(num_tokens, self.draft.num_tokens)
-        probs = None if self.draft.probs is None else self.draft.probs[:, :n]
-        return Draft(self.draft.tokens[:, :n], probs)
-
-    def reset(self) -> None:
-        pass
 
 
 class SSDSession:
@@ -331,7 +314,6 @@ class SSDSession:
         em = emulate_verify_ms
         if isinstance(em, bool) or not isinstance(em, (int, float)) or not math.isfinite(em) or em < 0:
             raise ValueError(f"emulate_verify_ms: expected a number >= 0, got {em!r}")
-        verify_rule = get_rule("greedy" if params.greedy else rule)
         if seed is None:
             seed = random.getrandbits(62)
         total = min(max_new_tokens, self.target.max_length - prompt.shape[1])
@@ -348,83 +330,120 @@ class SSDSession:
             force_miss=force_miss,
             _report_unmodified_q=self._report_unmodified_q,
         )
-        output = Output(
-            eos_token_id=eos_token_id, stop_strings=stop_strings, tokenizer=tokenizer, on_tokens=on_tokens
-        )
-        g_local, g_verify = make_generators(seed, self.target.device)
         stats = SSDStats(prompt_tokens=prompt.shape[1], mode=self.mode)
-        target = self.target
+        drafter = RemoteDrafter(self, opts, stats, em / 1e3)
+        res = generate(
+            self.target,
+            prompt,
+            drafter=drafter,
+            rule=rule,
+            gamma=gamma,
+            params=params,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
+            seed=seed,
+            on_tokens=on_tokens,
+            stats=stats,
+        )
+        drafter.end(len(res.token_ids))
+        return res
 
-        t0 = time.perf_counter()
-        target.reset()
-        if prompt.shape[1] > 1:
-            target.forward(prompt[:, :-1].to(target.device))
-        stats.time_prefill = time.perf_counter() - t0
 
-        t_start = time.perf_counter()
-        local = None
-        if self.faulted:
-            stats.fallback_events.append("speculator unavailable (earlier fault): decoding alone")
-        else:
-            try:
-                self.channel.start(prompt[0].tolist(), opts)
-            except SpeculatorFault as err:
-                self._fault(stats, err, 0)
-        context, key = prompt, None
-        while len(output.tokens) < total:
-            k_max = min(gamma, total - len(output.tokens) - 1)
-            prop = None
-            if not self.faulted:
-                tw = time.perf_counter()
-                try:
-                    prop = self.channel.request(key)
-                except SpeculatorFault as err:
-                    self._fault(stats, err, len(output.tokens))
-                stats.time_wait += time.perf_counter() - tw
-            if prop is not None:
-                probs = None if prop.probs is None else prop.probs[None, :k_max]
-                drafter: Any = FixedDrafter(
-                    Draft(torch.tensor([prop.tokens[:k_max]], dtype=torch.long), probs)
-                )
-                stats.num_fallback_jit += prop.source == "jit"
-                stats.num_fallback_fast += prop.source == "fast"
-                stats.time_fallback += prop.t_fallback
-                if prop.t_build > 0:
-                    stats.time_speculate += prop.t_build
-                    stats.num_builds += 1
+class RemoteDrafter:
+    """The verifier's view of the speculator, as a drafter for the engine's loop (one decode
+    loop: EOS, stop strings, streaming, prefill and stats are the engine's).
+
+    Each `propose` asks the channel for the draft after the last step's outcome, the key
+    (tau, last emitted token) read by `observe_step`; the first one of a generation starts the
+    speculator on the prompt. On a fault (and in later generations of a faulted session) it
+    drafts locally (`SSDSession._local_drafter`) or not at all. `observe_step` records the round
+    (`SSDStats.record_round`) and sleeps ``emulate_s`` (an emulated large target)."""
+
+    vocab_size = None
+
+    def __init__(self, session: SSDSession, opts: SSDOptions, stats: SSDStats, emulate_s: float) -> None:
+        self.session, self.opts, self.stats, self.emulate_s = session, opts, stats, emulate_s
+        self.reset()
+
+    def reset(self) -> None:
+        self._started = False
+        self._key: tuple[int, int] | None = None
+        self._prop: Any = None
+        self._asked = False  # propose ran this step (the engine skips it when no draft fits)
+        self._local: Any = None
+        self._t_proposed = time.perf_counter()
+        self._done = 0
+
+    def _fault(self, err: BaseException) -> None:
+        self.session._fault(self.stats, err, self._done)
+
+    def propose(
+        self, context: torch.Tensor, num_tokens: int, params: SamplingParams, generator: Any = None
+    ) -> Draft:
+        session, stats = self.session, self.stats
+        if not self._started:
+            self._started = True
+            if session.faulted:
+                stats.fallback_events.append("speculator unavailable (earlier fault): decoding alone")
             else:
-                if local is None:
-                    local = self._local_drafter() or False
-                drafter = local or None
-            tv = time.perf_counter()
-            res = speculative_step(
-                target, context, drafter, verify_rule, k_max, params, g_local, g_verify, stats
-            )
-            if em > 0:
-                te = time.perf_counter()
-                time.sleep(em / 1e3)
-                stats.time_emulated += time.perf_counter() - te
-            stats.record_round(
-                status=prop.status if prop is not None else "local",
-                prev_k=None if key is None else key[0],
-                fk=prop.fk if prop is not None else -1,
-                rank=prop.rank if prop is not None else -1,
-                emitted=len(res.tokens),
-                t_verify=time.perf_counter() - tv,
-            )
-            key = (res.accepted, res.tokens[-1])
-            step = output.commit(res.tokens)  # EOS / stop-string cut, streaming (`hierspec.output`)
-            context = torch.cat([context, torch.tensor([step], dtype=torch.long)], 1)
-            if output.done:
-                break
-        if not self.faulted:
+                try:
+                    session.channel.start(context[0].tolist(), self.opts)
+                except SpeculatorFault as err:
+                    self._fault(err)
+        self._prop, self._asked = None, True
+        if not session.faulted:
+            tw = time.perf_counter()
             try:
-                self.channel.end()
+                self._prop = session.channel.request(self._key)
             except SpeculatorFault as err:
-                self._fault(stats, err, len(output.tokens))
-        stats.time_decode = time.perf_counter() - t_start
-        stats.num_generated_tokens = len(output.tokens)
-        return GenerationResult(output.tokens, output.finish, stats, output.text(), prompt[0].tolist())
+                self._fault(err)
+            stats.time_wait += time.perf_counter() - tw
+        prop = self._prop
+        if prop is not None:
+            stats.num_fallback_jit += prop.source == "jit"
+            stats.num_fallback_fast += prop.source == "fast"
+            stats.time_fallback += prop.t_fallback
+            if prop.t_build > 0:
+                stats.time_speculate += prop.t_build
+                stats.num_builds += 1
+            probs = None if prop.probs is None else prop.probs[None, :num_tokens]
+            draft = Draft(torch.tensor([prop.tokens[:num_tokens]], dtype=torch.long), probs)
+        else:
+            if self._local is None:
+                self._local = session._local_drafter() or False
+            local = self._local
+            draft = local.propose(context, num_tokens, params, generator) if local else Draft.empty()
+        self._t_proposed = time.perf_counter()
+        return draft
+
+    def observe_step(self, drafted: int, accepted: int, tokens: list[int]) -> None:
+        if self.emulate_s > 0:
+            te = time.perf_counter()
+            time.sleep(self.emulate_s)
+            self.stats.time_emulated += time.perf_counter() - te
+        prop, asked = self._prop, self._asked
+        self._prop, self._asked = None, False
+        status = "empty" if not asked else prop.status if prop is not None else "local"
+        self.stats.record_round(
+            status=status,
+            prev_k=None if self._key is None else self._key[0],
+            fk=prop.fk if prop is not None else -1,
+            rank=prop.rank if prop is not None else -1,
+            emitted=len(tokens),
+            t_verify=time.perf_counter() - self._t_proposed,
+        )
+        self._key = (accepted, tokens[-1])
+        self._done += len(tokens)
+
+    def end(self, done: int) -> None:
+        """The generation is over: tell the speculator (a fault only marks the session)."""
+        if self._started and not self.session.faulted:
+            try:
+                self.session.channel.end()
+            except SpeculatorFault as err:
+                self.session._fault(self.stats, err, done)
 
 
 def generate_ssd(

@@ -206,7 +206,7 @@ def _path_documents(path: Path) -> Iterator[str]:
 
 def raw_documents(source: Source, split: str = "train") -> Iterator[str]:
     """Documents (strings) of a raw source in a fixed order (see module docstring for splits)."""
-    from hierspec.bench import prompts as P
+    from hierspec import prompts as P
 
     name = source.name
     if name == "stdlib":
@@ -240,7 +240,7 @@ class PromptItem:
 
 def source_prompts(source: Source, split: str = "train") -> list[PromptItem]:
     """Prompts of a gen source (at most ``source.limit``), training or held-out split."""
-    from hierspec.bench import prompts as P
+    from hierspec import prompts as P
 
     name, n = source.name, source.limit
     train = split == "train"

@@ -6,7 +6,12 @@ comes next, such that the output is distributed exactly as the target.
     RULES["block"]   block verification (Sun et al., ICLR 2025), optimal for one draft block
     RULES["hsd"]     hierarchical speculative sampling (Zhou et al.), capped and consistent;
                      equal in law to "block", computed in its branch-mass form
+    RULES["match"]   the engines' rule (llama.cpp, SGLang): sample the target, accept while equal
     RULES["greedy"]  temperature 0: accept while the draft equals the target argmax
+
+Deterministic (one-hot) drafts are verified by every exact rule with one coupled sampler
+(`coupled`): row t emits the target's inverse-CDF draw F_t^{-1}(u_t), so with uniforms keyed by
+position a seeded text does not depend on draft lengths.
 
 `naive_hsd.law` is the uncapped HSD with forward sampling, as an analysis API only.
 `tree` verifies a draft tree (recursive rejection sampling: `tree.verify_tree`, `tree.tree_law`);
@@ -16,10 +21,10 @@ Every rule is callable as ``rule(draft_tokens[B,K], draft_probs[B,K,V] | None,
 target_probs[B,K+1,V], generator=None)`` and has ``rule.law(...)`` for one draft; see `core`.
 """
 
-from . import block, greedy, hsd, naive_hsd, token, tree
+from . import block, coupled, greedy, hsd, naive_hsd, token, tree
 from .core import PROB_SUM_TOL, Rule, VerifyOutput, check_inputs
 
-RULES: dict[str, Rule] = {m.rule.name: m.rule for m in (token, block, hsd, greedy)}
+RULES: dict[str, Rule] = {m.rule.name: m.rule for m in (token, block, hsd, coupled, greedy)}
 
 
 def get_rule(name: str) -> Rule:
@@ -37,6 +42,7 @@ __all__ = [
     "VerifyOutput",
     "block",
     "check_inputs",
+    "coupled",
     "get_rule",
     "greedy",
     "hsd",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import coupled
 from .core import Rule, VerifyOutput, dense_draft_probs, token_probs
 from .scan import backward_scan, dense_scan, emit, gather_rows, onehot_residual, scan_law
 
@@ -85,4 +86,4 @@ def law(
     return scan_law(h, rho, s, p)
 
 
-rule = Rule("block", verify, law, doc=__doc__)
+rule = Rule("block", verify, law, deterministic=coupled.verify, doc=__doc__)

@@ -199,12 +199,25 @@ class Rule:
     """A named verification rule: ``rule(...)`` verifies a batch, ``rule.law(...)`` is its law."""
 
     def __init__(
-        self, name: str, verify: VerifyFn, law: LawFn, *, scores_only: bool = False, doc: str = ""
+        self,
+        name: str,
+        verify: VerifyFn,
+        law: LawFn,
+        *,
+        scores_only: bool = False,
+        uses_uniforms: bool = False,
+        deterministic: VerifyFn | None = None,
+        doc: str = "",
     ) -> None:
+        """``uses_uniforms``: ``verify`` takes the rows' uniforms (``uniforms=`` [B, K+1]).
+        ``deterministic``: the sampler for one-hot drafts (``draft_probs`` None), same law as
+        ``verify``'s, taking ``uniforms=`` (`hierspec.verify.coupled`)."""
         self.name = name
         self._verify = verify
         self._law = law
         self._scores_only = scores_only
+        self._uses_uniforms = uses_uniforms
+        self._deterministic = deterministic
         self.__doc__ = doc or verify.__doc__
 
     def __repr__(self) -> str:
@@ -218,10 +231,18 @@ class Rule:
         generator: torch.Generator | None = None,
         *,
         validate: bool = True,
+        uniforms: torch.Tensor | None = None,
     ) -> VerifyOutput:
+        """Verify a batch. ``uniforms`` [B, K+1] (float64 in [0, 1)): the rows' uniforms for the
+        coupled sampler of one-hot drafts and the match rule, keyed by position in the engine
+        (`hierspec.rng`); rules and paths that do not read them draw from ``generator``."""
         if validate:
             check_inputs(draft_tokens, draft_probs, target_probs, scores_only=self._scores_only)
         check_generator(generator, target_probs.device)
+        if draft_probs is None and self._deterministic is not None:
+            return self._deterministic(draft_tokens, None, target_probs, generator, uniforms=uniforms)
+        if self._uses_uniforms:
+            return self._verify(draft_tokens, draft_probs, target_probs, generator, uniforms=uniforms)
         return self._verify(draft_tokens, draft_probs, target_probs, generator)
 
     def law(

@@ -22,8 +22,9 @@ Everything is computed in ratio space: all branch masses are divided by Q_k, so 
 c_k = P~_k / Q_k = exp(log P_k - log M_k - log Q_k) in [0, 1] is formed, never a joint
 probability — long drafts cannot underflow to 0/0.
 
-Capped HSD with the capped full acceptance is, in exact arithmetic, block verification
-(E_k/Q_k = S_k, F_k/Q_k = S_k + 1 - c_k, c_k = w_k; Zhou reference notes §4.3). This module keeps
+Capped HSD with the capped full acceptance is, in exact arithmetic, block verification (Sun et al.,
+ICLR 2025; `hierspec.verify.block`): E_k/Q_k = S_k, F_k/Q_k = S_k + 1 - c_k and c_k = w_k, with S_k
+and w_k as defined there. This module keeps
 the paper's branch-mass form as an independent implementation; the tests check that its law
 equals block's to 1e-12. Since a_k = E/F <= c_k, it uses the same lazy backward scan.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from . import coupled
 from .core import Rule, VerifyOutput, dense_draft_probs, token_probs
 from .scan import backward_scan, dense_scan, emit, gather_rows, onehot_residual, scan_law
 
@@ -112,4 +114,4 @@ def law(
     return scan_law(torch.cat([a, full[None]]), excess, excess.sum(-1), p)
 
 
-rule = Rule("hsd", verify, law, doc=__doc__)
+rule = Rule("hsd", verify, law, deterministic=coupled.verify, doc=__doc__)

@@ -1,7 +1,7 @@
 """Exact outcome laws: expected acceptance, and the exact output joint of a rule by enumeration.
 
-`output_joint` is the losslessness proof harness (Zhou reference notes §4.8), public so users can
-check their own rules. For an autoregressive toy with vocabulary V, draft length K and
+`output_joint` is the losslessness proof harness (exact enumeration, no sampling), public so users
+can check their own rules. For an autoregressive toy with vocabulary V, draft length K and
 *context-dependent* conditionals p(. | s), q(. | s) for every prefix s:
 
     P_out(s) = sum_x Q(x) sum_{k,y} L_x[k, y] [x_{1:k} y = s_{1:k+1}] prod_{i>k+1} p(s_i | s_<i)

@@ -95,7 +95,7 @@ def dense_scan(
     k = k1 - 1
     levels = torch.arange(k, device=eta.device)
     stop = (eta[:, :k] < h) | (levels == 0)
-    deepest = (stop.long() * levels).amax(-1) if k else torch.zeros(b, dtype=torch.long)
+    deepest = (stop.long() * levels).amax(-1) if k else eta.new_zeros(b, dtype=torch.long)
     full = eta[:, k] < full_prob
     tau = torch.where(full, k, deepest)
     rows = (~full).nonzero().squeeze(1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling import categorical
+from . import coupled
 from .core import Rule, VerifyOutput, dense_draft_probs, token_probs
 from .scan import gather_rows
 
@@ -78,4 +79,4 @@ def law(
     return out
 
 
-rule = Rule("token", verify, law, doc=__doc__)
+rule = Rule("token", verify, law, deterministic=coupled.verify, doc=__doc__)

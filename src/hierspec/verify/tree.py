@@ -29,47 +29,10 @@ and ``next_token``. A duplicate sibling token in a deterministic tree is never a
 first copy is rejected r(x) = 0), which keeps the rule exact; stochastic trees may repeat tokens
 in "iid" mode and must not in "without_replacement" mode.
 
-Why it is lossless. (i) One node. Let h_j be the history "x_1..x_{j-1} drawn and rejected". Claim:
-given h_j, the token Y the node emits (the accepted child's token or the final residual draw) has
-law r_j. For j = m+1 it is the residual draw. Step, with beta = sum (q_j - r_j)^+ = sum (r_j - q_j)^+:
-
-    P(Y = y | h_j) = E_{x ~ q_j}[a_j(x) 1{x = y}] + beta * r_{j+1}(y)
-                   = min(q_j(y), r_j(y)) + (r_j(y) - q_j(y))^+ = r_j(y).
-
-The step needs the hypothesis for *every* rejected x_j, which holds because r_{j+1} in (*) does
-not depend on x_j, and because q_{j+1} is the true conditional law of x_{j+1} given h_{j+1}. This
-is where the without-replacement residual (Jeon et al. 2024, "Recursive Speculative Decoding")
-differs from the i.i.d. one: r is updated with the *current* proposal q_j, and then the rejected
-token is removed from q before the next round. Using the i.i.d. update (keep q) on children drawn
-without replacement is lossy, and so is keeping r after a rejection; both are negative controls
-in the tests. Also r_{j+1}(x_j) = 0 whenever x_j was rejected with positive probability, so the
-residual draw never repeats a rejected token. Hence Y ~ r_1 = p_node.
-(ii) The tree. Given Y = y via child c, the subtree below c was drawn from the draft given the
-prefix (..., y), independently of the coins and draws at the node, so by induction the emitted
-continuation after y again follows the target; if Y came from the residual the step stops. So the
-emitted sequence, extended by target sampling to any fixed length, has exactly the target's
-autoregressive law (tested by exact enumeration over all child draws).
-
-Deterministic sampler. With one-hot proposals and distinct siblings the rounds telescope:
-r_j = p restricted to the tokens other than x_1..x_{j-1}, renormalised, so
-P(c_j accepted) = prod_{i<j} (1 - r_i(x_i)) * r_j(x_j) = p(x_j), and the final residual is p with
-the children's tokens zeroed. That is: draw y ~ p_node, go to the first child with token y, else
-emit y. `verify_tree` does exactly this (one inverse-CDF draw per depth level; a duplicate sibling
-is never the first child with its token); the stochastic modes run the rounds.
-
-Optimality, and the question of an HSD-like sequence-level rule for trees.
-* Deterministic trees: no lossless verifier beats RRS. path length >= k forces the first k emitted
-  tokens, which follow the target, to spell a depth-k tree path; with distinct siblings these
-  events are disjoint, so P(len >= k) <= sum_{|v| = k} P(v) and E[len(path)] <= sum_v P(v), P(v)
-  the target probability of the path to v (`expected_accepted_bound`). RRS accepts node v iff the
-  emitted sequence starts with v's path, so it attains the bound (Zhou reference notes §4.5).
-  EAGLE-3H's HSD-style sibling recursion is lossy (negative control in the tests).
-* Stochastic trees: the bound does not apply (the output need only follow the target after
-  averaging over the draws) and RRS is *not* optimal: on a chain it is token-wise speculative
-  sampling, which block verification (``RULES["block"]``, Sun et al.) beats in expectation (tested).
-  No tree rule beating RRS was implemented or proven here. A published candidate is Traversal
-  Verification (Weng et al., NeurIPS 2025, arXiv 2505.12398): leaf-to-root, sequence-level, and
-  block verification on a chain; it is not verified in this package.
+Why it is lossless (per node the emitted token has law r_1 = p_node, by induction over the
+rounds; then by induction over depth), why the deterministic sampler is a single inverse-CDF draw
+per level, and why no lossless verifier beats RRS on deterministic trees (`expected_accepted_bound`
+is attained) while block verification beats it on stochastic chains: docs/exactness-trees.md.
 
 Numerics: verification and the laws compute in float64 (uniforms from ``torch.rand(generator=)``
 in float64). A residual with zero mass (reachable only through round-off) falls back to the
@@ -85,7 +48,9 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling import categorical, check_generator
+from ..treeshape import check_parents
 from .core import _check_prob_rows, _fail
+from .greedy import _argmax
 
 MODES = ("deterministic", "iid", "without_replacement")
 
@@ -108,39 +73,6 @@ class TreeVerifyOutput:
 
 
 # ------------------------------------------------------------------- structure and validation
-def check_parents(parents: torch.Tensor | Sequence[int], n: int | None = None) -> torch.Tensor:
-    """The tree-shape contract, the one check of it for every user (the rules here and the tree
-    forwards of `hierspec.models`): ``parents`` is a non-empty 1-D vector of integers (a tensor
-    or a sequence), of length ``n`` when given, with parents[0] == -1 and 0 <= parents[i] < i
-    for i >= 1 (parents before children, so node order is a topological order).
-
-    Returns it as a LongTensor [N] on its device; ValueError "parents: expected ..." otherwise.
-    """
-    if isinstance(parents, torch.Tensor):
-        p = parents
-    else:
-        try:
-            p = torch.as_tensor(list(parents))
-        except (TypeError, ValueError, RuntimeError):
-            _fail("parents", "a 1-D sequence of ints", repr(parents))
-    if p.ndim != 1 or p.numel() == 0 or (n is not None and p.numel() != n):
-        want = f"shape [N] with N = {n} (one node per input column)" if n is not None else "shape [N], N >= 1"
-        _fail("parents", want, str(tuple(p.shape)))
-    if p.dtype == torch.bool or p.is_floating_point() or p.is_complex():
-        _fail("parents", "integer entries", str(p.dtype))
-    p = p.long()
-    if int(p[0]) != -1:
-        _fail("parents", "parents[0] == -1 (node 0 is the root)", f"parents[0] = {int(p[0])}")
-    if p.numel() > 1:
-        idx = torch.arange(1, p.numel(), device=p.device)
-        bad = (p[1:] < 0) | (p[1:] >= idx)
-        if bool(bad.any()):
-            i = int(idx[bad][0])
-            want = "0 <= parents[i] < i for i >= 1 (parents before children)"
-            _fail("parents", want, f"parents[{i}] = {int(p[i])}")
-    return p
-
-
 def children(parents: torch.Tensor | Sequence[int]) -> list[list[int]]:
     """children(parents)[i] = the children of node i in increasing index order."""
     pl = parents.tolist() if isinstance(parents, torch.Tensor) else list(parents)
@@ -349,10 +281,11 @@ def verify_tree(
 def verify_tree_greedy(
     parents: torch.Tensor, tokens: torch.Tensor, target_logits: torch.Tensor, *, validate: bool = False
 ) -> TreeVerifyOutput:
-    """Temperature 0: from the root, follow the first child (index order) whose token attains the
-    row maximum of ``target_logits`` at its parent; ``next_token`` = argmax at the last node (lowest
-    index among ties). Any finite scores work (logits or probabilities). Ties follow
-    `verify.greedy`: a child attaining the maximum is followed even if a lower index ties."""
+    """Temperature 0: from the root, follow the first child (index order) whose token is the
+    argmax of ``target_logits`` at its parent, the FIRST index among exact ties (what plain greedy
+    decoding takes; a child that only ties the maximum at a higher index is not followed, as in
+    `verify.greedy`); ``next_token`` = that argmax at the last node. Any finite scores work
+    (logits or probabilities). One argmax over [N, V] (`greedy._argmax`, numpy's on CPU)."""
     if validate:
         check_tree(parents, tokens)
         v = _check_rows_shape("target_logits", target_logits, parents.numel(), None)
@@ -361,18 +294,13 @@ def verify_tree_greedy(
         if parents.numel() > 1 and not all(0 <= t < v for t in tokens.tolist()[1:]):
             _fail("tokens", f"token ids in [0, {v}) for nodes 1..N-1", str(tokens.tolist()))
     kids = children(parents)
-    n = len(kids)
-    match = [False] * n
-    if n > 1:
-        pa = parents[1:].long().to(target_logits.device)
-        x = tokens[1:].long().to(target_logits.device)
-        row_max = target_logits.amax(-1)
-        match[1:] = (target_logits[pa, x] == row_max[pa]).tolist()
+    best = _argmax(target_logits).tolist()  # [N]: the first argmax of every node's row
+    tok = tokens.tolist()
     node, path = 0, []
     while True:
-        nxt = next((c for c in kids[node] if match[c]), None)
+        nxt = next((c for c in kids[node] if tok[c] == best[node]), None)
         if nxt is None:
-            return TreeVerifyOutput(path=path, next_token=int(target_logits[node].argmax()))
+            return TreeVerifyOutput(path=path, next_token=best[node])
         node = nxt
         path.append(node)
 

