@@ -428,7 +428,7 @@ class AdaptiveDrafter:
             out = _empty(context.device)
             self._last = _Last(context.shape[1], last_tok, [], [], False, cost_explored)
         else:
-            out = _truncate(draft, k)
+            out = draft.prefix(k)
             toks = out.tokens[0].tolist()
             conf = self._confidences(out)
             self._last = _Last(context.shape[1], last_tok, toks, conf, explored, cost_explored)
@@ -472,12 +472,3 @@ def _empty(device: torch.device) -> Draft:
     if out is None:
         out = _EMPTY[device] = Draft.empty(1, device)
     return out
-
-
-def _truncate(draft: Draft, k: int) -> Draft:
-    """The first k positions of ``draft``."""
-    if k >= draft.num_tokens:
-        return draft
-    probs = None if draft.probs is None else draft.probs[:, :k]
-    conf = None if draft.confidence is None else draft.confidence[:k]
-    return Draft(draft.tokens[:, :k], probs, conf)

@@ -43,6 +43,14 @@ class Draft:
     def empty(batch: int = 1, device: torch.device | str = "cpu") -> Draft:
         return Draft(torch.zeros(batch, 0, dtype=torch.long, device=device), None)
 
+    def prefix(self, k: int) -> Draft:
+        """The first k positions (tokens, rows, confidences); itself if it has no more."""
+        if k >= self.num_tokens:
+            return self
+        probs = None if self.probs is None else self.probs[:, :k]
+        conf = None if self.confidence is None else self.confidence[:k]
+        return Draft(self.tokens[:, :k], probs, conf)
+
 
 @dataclass
 class DraftTree:

@@ -272,7 +272,7 @@ class BatchWorker:
         ks = self._lengths(decoding, prefill_rows=0)
         parts: list[Part] = []
         for s, k in zip(decoding, ks, strict=True):
-            s.draft = _truncate(s.draft, k)
+            s.draft = s.draft.prefix(k)
             parts.append(Part(s.slot, [int(s.context[0, -1]), *s.draft.tokens[0].tolist()], True))
         rows = sum(len(p.tokens) for p in parts)
         self.decode_rows += rows
@@ -359,11 +359,3 @@ class BatchWorker:
         if len(s.output.tokens) >= s.budget:
             return "length"
         return None
-
-
-def _truncate(draft: Draft, k: int) -> Draft:
-    if k >= draft.num_tokens:
-        return draft
-    probs = None if draft.probs is None else draft.probs[:, :k]
-    conf = None if draft.confidence is None else draft.confidence[:k]
-    return Draft(draft.tokens[:, :k], probs, conf)
