@@ -59,7 +59,7 @@ def test_hierarchy_level_errors(capsys, extra, msg):
         ("hispec", ["--exits", "8,4"], "draft exit must come before"),
         ("hispec", ["--exits", "4"], "takes 2 exit layer(s)"),
         ("hispec", ["--exits", "4,x"], "expected layer numbers"),
-        ("hispec", ["--exits", "3,8"], "no shipped head at layer 3"),
+        ("hispec", ["--exits", "3,8"], "no shipped early-exit head at layer 3"),
         ("hispec", ["--exits", "4:/nonexistent.safetensors,8"], "does not exist"),
         ("hispec", ["--nd", "0"], "--nd and --ni must be >= 1"),
         ("hispec", ["--ni", "0"], "--nd and --ni must be >= 1"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hierspec.costs as costs
-from hierspec.costs import CostCurve, cache_file, cost_curve, cost_key, measure_cost_curve, spread, summarise
+from hierspec.costs import CostCurve, cost_curve, cost_key, curve_file, measure_cost_curve, spread, summarise
 from hierspec.models import make_tiny_pair
 
 
@@ -66,7 +66,7 @@ def test_cache_hit_and_refresh(model, counted):
     a = cost_curve(model)
     b = cost_curve(model)
     assert a == b and len(counted) == 1
-    assert cache_file(cost_key(model)).is_file()
+    assert curve_file(model).is_file()
     cost_curve(model, refresh=True)
     cost_curve(model, cache=False)
     assert len(counted) == 3
@@ -85,7 +85,7 @@ def test_other_host_or_model_is_remeasured(model, counted, monkeypatch):
 
 def test_copied_cache_file_with_another_key_is_not_trusted(model, counted):
     cost_curve(model)
-    path = cache_file(cost_key(model))
+    path = curve_file(model)
     obj = json.loads(path.read_text())
     obj["key"]["host"]["cpu"] = "another CPU"  # a file copied from another machine
     obj["curve"]["seconds"] = [9.0] * len(obj["curve"]["seconds"])
@@ -97,7 +97,7 @@ def test_copied_cache_file_with_another_key_is_not_trusted(model, counted):
 @pytest.mark.parametrize("content", ["{not json", '{"key": 1}', "[]", ""])
 def test_damaged_cache_file_warns_and_remeasures(model, counted, caplog, content):
     cost_curve(model)
-    path = cache_file(cost_key(model))
+    path = curve_file(model)
     path.write_text(content)
     with caplog.at_level(logging.WARNING):
         c = cost_curve(model)
@@ -107,7 +107,7 @@ def test_damaged_cache_file_warns_and_remeasures(model, counted, caplog, content
 
 def test_damaged_curve_values_warn(model, counted, caplog):
     cost_curve(model)
-    path = cache_file(cost_key(model))
+    path = curve_file(model)
     obj = json.loads(path.read_text())
     obj["curve"]["seconds"][0] = -1.0
     path.write_text(json.dumps(obj))
@@ -206,7 +206,7 @@ def test_noisy_measurement_is_not_persisted(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         c = cost_curve(m)
     assert not c.trusted
-    assert not cache_file(costs.cost_key(m)).exists()
+    assert not curve_file(m).exists()
     assert sum("busy host" in r.getMessage() for r in caplog.records) == 1
     calls = len(m.calls)
     cost_curve(m)
@@ -227,7 +227,7 @@ def test_spread_and_summary():
 
 def test_implausible_cached_curve_is_remeasured(model, counted, caplog):
     cost_curve(model)
-    path = cache_file(cost_key(model))
+    path = curve_file(model)
     obj = json.loads(path.read_text())
     obj["curve"]["seconds"] = [0.027, 0.092, 0.092, 0.745, 1.216, 1.216]  # issue #27's curve
     path.write_text(json.dumps(obj))
@@ -245,3 +245,15 @@ def test_older_cache_version_is_remeasured(model, counted, monkeypatch):
     assert len(counted) == 1
     cost_curve(model)
     assert len(counted) == 2
+
+
+def test_each_set_of_sizes_has_its_own_file(model, counted, caplog):
+    """A server's curve (more sizes) and generate's share a model but not a cache file: neither
+    overwrites the other, and no warning calls either one damaged."""
+    with caplog.at_level(logging.WARNING):
+        cost_curve(model)
+        cost_curve(model, sizes=(1, 2, 4))
+        cost_curve(model)
+        cost_curve(model, sizes=(1, 2, 4))
+    assert len(counted) == 2 and curve_file(model) != curve_file(model, (1, 2, 4))
+    assert not caplog.records

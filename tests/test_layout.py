@@ -1,5 +1,5 @@
 """Code layout: no import cycles among hierspec's modules (module- or function-level imports
-alike), no source file over ~600 lines, and every module imports on its own in a fresh
+alike), no source file over ~500 lines (`MAX_LINES`), and every module imports on its own in a fresh
 interpreter (so no module relies on another having been imported first)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PKG = SRC / "hierspec"
-MAX_LINES = 620
+MAX_LINES = 520
 
 
 def _modules() -> dict[str, Path]:

@@ -340,6 +340,8 @@ def test_improving_drafter_is_noticed():
 class SlowStoppableDrafter(FixedDrafter):
     """A model-like drafter (takes ``stop``) whose every consultation takes ``seconds`` of ``clock``."""
 
+    stoppable = True
+
     def __init__(self, tokens, conf, seconds, clock):
         super().__init__(tokens, conf)
         self.seconds, self.clock = seconds, clock

@@ -39,8 +39,7 @@ def test_allocation_is_optimal_by_brute_force(cost):
     base = len(gains)
     ks = allocate(gains, base, cost)
     best = max(
-        rate(gains, list(c), base, cost)
-        for c in itertools.product(*(range(len(g) + 1) for g in gains))
+        rate(gains, list(c), base, cost) for c in itertools.product(*(range(len(g) + 1) for g in gains))
     )
     assert rate(gains, ks, base, cost) == pytest.approx(best)
 

@@ -551,3 +551,62 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes() -> None:
     assert s.stopped
     plain = TextStream(ByteTok())
     assert "".join(plain.push([b]) for b in "é€".encode()) + plain.finish() == "é€"
+
+
+class MetaspaceTok:
+    """A SentencePiece-style tokenizer (a token decoded at the start of a text loses its space)."""
+
+    def __init__(self) -> None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        self.tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        self.tk.pre_tokenizer, self.tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        corpus = ["hello world and the other world", "the quick brown fox jumps over the lazy dog"]
+        self.tk.train_from_iterator(
+            corpus * 20, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"])
+        )
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tk.encode(text).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _streamed(tok, ids: list[int], seed: int) -> str:
+    import random
+
+    rng, s, pieces, i = random.Random(seed), TextStream(tok), [], 0
+    while i < len(ids):
+        n = rng.randint(1, 3)
+        pieces.append(s.push(ids[i : i + n]))
+        i += n
+    return "".join(pieces) + s.finish()
+
+
+def test_text_stream_window_equals_the_whole_decode(monkeypatch) -> None:
+    """Pieces of 1-3 tokens streamed through the decoding window add up to the whole decode, for
+    SmolLM2's byte-level BPE (characters split across tokens) and a SentencePiece-style tokenizer
+    (leading spaces); a deliberately windowless variant (each push decoded alone) fails the latter."""
+    from hierspec.models.catalog import resolve_model
+    from hierspec.models.open import load_gguf_tokenizer
+
+    smol = load_gguf_tokenizer(resolve_model("smollm2-135m").path)
+    text = "Grüße aus Köln — 東京の天気は晴れ 🌞!\n  def f(x):\n\treturn x ** 2  # ok ✓"
+    meta = MetaspaceTok()
+    cases = [
+        (smol, smol.encode(text, add_special_tokens=False)),
+        (meta, meta.encode("hello world the lazy dog")),
+    ]
+    for tok, ids in cases:
+        for seed in range(5):
+            assert _streamed(tok, ids, seed) == tok.decode(ids, skip_special_tokens=True)
+    real = TextStream.push
+
+    def windowless(self, token_ids):
+        self._prefix = self._read = len(self.token_ids)  # forget the window: decode the push alone
+        return real(self, token_ids)
+
+    monkeypatch.setattr(TextStream, "push", windowless)
+    tok, ids = cases[1]
+    assert any(_streamed(tok, ids, seed) != tok.decode(ids) for seed in range(5))

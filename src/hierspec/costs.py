@@ -228,6 +228,7 @@ def cost_key(model: LanguageModel) -> dict:
         "model": model_identity(model),
         "max_length": int(model.max_length),
         "threads": int(threads),
+        "sequences": int(getattr(model, "n_seq_max", 1)),
         "versions": _versions(),
     }
 
@@ -236,6 +237,15 @@ def cache_file(key: dict) -> Path:
     """``cache_root() / "costs" / <16 hex digits of sha256(key)>.json``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "costs" / f"{digest}.json"
+
+
+def _curve_key(model: LanguageModel, sizes: Sequence[int]) -> dict:
+    return cost_key(model) | {"sizes": sorted({int(n) for n in sizes})}  # each set of sizes its own file
+
+
+def curve_file(model: LanguageModel, sizes: Sequence[int] = DEFAULT_SIZES) -> Path:
+    """Where `cost_curve` caches ``model``'s curve over ``sizes`` on this host."""
+    return cache_file(_curve_key(model, sizes))
 
 
 def cost_curve(
@@ -250,20 +260,27 @@ def cost_curve(
     (see module docstring) and still plausible (`hierspec.curve.shape_flaws`), else measured
     (`measure_cost_curve`) and cached if ``trusted`` (else one warning). ``refresh``
     re-measures; ``cache=False`` neither reads nor writes the cache."""
-    key = cost_key(model) if cache else None
-    path = cache_file(key) if key is not None else None
     want = sorted({int(n) for n in sizes})
+    key = _curve_key(model, want) if cache else None
+    path = cache_file(key) if key is not None else None
 
     def valid(obj: object) -> bool:
         if not isinstance(obj, dict) or obj.get("key") != key:
             return False
         curve = CostCurve.from_dict(obj["curve"])  # raises on bad content -> one warning
-        return list(curve.sizes) == want and not shape_flaws(curve.sizes, curve.seconds)
+        return list(curve.sizes) == want
 
     if path is not None and not refresh:
         obj = read_json_cache(path, valid)
         if obj is not None:
-            return CostCurve.from_dict(obj["curve"])
+            curve = CostCurve.from_dict(obj["curve"])
+            flaws = shape_flaws(curve.sizes, curve.seconds)
+            if not flaws:
+                return curve
+            log.warning(
+                "hierspec: the cached cost curve %s is implausible at T = %s (made on a busy host?); "
+                "re-measuring it", path, ",".join(map(str, flaws)),
+            )  # fmt: skip
     curve = measure_cost_curve(model, want, budget_s)
     if not curve.trusted:
         ms = " / ".join(f"{1e3 * s:.3g}" for s in curve.seconds)

@@ -51,7 +51,7 @@ its length in a few steps, a useless one costs one rejected token.
 Falling back. When no draft can pay even at the best acceptance seen so far (and the cost of
 consulting a model drafter), the drafter is not asked at all (no lookup, no forward) unless an
 exploration is due: a plain step costs the wrapper only its bookkeeping, and the past-only part
-of the decision (`_Plan`) is cached until the curve, the acceptance or the drafter's cost change.
+of the decision (`PastPlan`) is cached until the curve, the acceptance or the drafter's cost change.
 The drafter's own cost d is measured online (seconds of `inner.propose` per drafted token, an
 exponential average) unless given.
 
@@ -64,7 +64,6 @@ docs/exactness-adaptive.md. At temperature 0 the output is token-identical to gr
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -75,13 +74,28 @@ import torch
 from .acceptance import AcceptanceModel
 from .costs import CostCurve
 from .curve import OnlineCostCurve
-from .drafters.base import Draft, Drafter
+from .draft_length import (
+    Ask,
+    PastPlan,
+    StepView,
+    ask_drafter,
+    best_length,
+    choose_length,
+    continue_pays,
+    expected_tokens,
+    step_rates,
+)
+from .drafters.base import Draft, Drafter, is_stoppable
 from .sampling import SamplingParams
 
 __all__ = [
     "AcceptanceModel",
     "AdaptiveDrafter",
+    "Ask",
+    "StepView",
+    "ask_drafter",
     "best_length",
+    "choose_length",
     "continue_pays",
     "expected_tokens",
     "step_rates",
@@ -93,63 +107,6 @@ EXPLORE_COST = 0.02  # exploring unproven step sizes T: share of the time, prior
 EXPLORE_COST_DOUBT = 0.10  # ... while the prior is in doubt (`hierspec.curve.OnlineCostCurve`)
 EXPLORE_ALLOWANCE = 4.0  # ... plus this many plain steps' worth
 _CHEAP_DRAFT = 0.02  # a drafter costing < 2 % of c(1) per token drafts k_max and is truncated
-Costs = CostCurve | Sequence[float]  # a curve c(T), or step seconds c[k] of drafting k tokens
-
-
-# ---------------------------------------------------------------------------------- economics
-def expected_tokens(a: Sequence[float]) -> list[float]:
-    """E[committed tokens | k] for k = 0..len(a): 1 + sum_{i <= k} prod_{j <= i} a_j."""
-    out, run, total = [1.0], 1.0, 1.0
-    for aj in a:
-        run *= aj
-        total += run
-        out.append(total)
-    return out
-
-
-def _steps(costs: Costs, n: int) -> Sequence[float]:
-    """Seconds of a step drafting k = 0..n - 1 tokens: c(k + 1) of a curve, or the sequence."""
-    return [costs(k + 1) for k in range(n)] if isinstance(costs, CostCurve) else costs
-
-
-def step_rates(a: Sequence[float], costs: Costs, draft_cost: float = 0.0) -> list[float]:
-    """Expected tokens per second of drafting k = 0..len(a) tokens (see module docstring)."""
-    e = expected_tokens(a)
-    c = _steps(costs, len(e))
-    return [e[k] / (c[k] + draft_cost * k) for k in range(len(e))]
-
-
-def best_length(a: Sequence[float], costs: Costs, draft_cost: float = 0.0) -> int:
-    """argmax_k of `step_rates` (the shortest on ties)."""
-    rates = step_rates(a, costs, draft_cost)
-    best = 0
-    for k in range(1, len(rates)):
-        if rates[k] > rates[best]:
-            best = k
-    return best
-
-
-def continue_pays(
-    a: Sequence[float], a_next: float, k_max: int, costs: Costs, draft_cost: float, keep_all: bool
-) -> bool:
-    """After drafting len(a) tokens: can drafting more (future positions estimated at ``a_next``)
-    beat stopping now? ``keep_all``: the drafted tokens cannot be dropped (stochastic draft), so
-    "now" is rate(len(a)); otherwise the best prefix so far."""
-    t = len(a)
-    rates = step_rates([*a, *[a_next] * (k_max - t)], costs, draft_cost)
-    now = rates[t] if keep_all else max(rates[: t + 1])
-    return max(rates[t + 1 :], default=-math.inf) > now
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """What the past alone decides (cached until the curve, acceptance or k_max change)."""
-
-    steps: list[float]  # seconds of a step drafting k = 0..k_max tokens (without the drafter)
-    k_past: int  # best length at the confidence-free rate
-    ramp: int  # the longest draft worth its risk yet: 1 + positions ever observed (<= k_max)
-    can_pay: bool  # some draft could beat plain decoding at the best acceptance seen
-    explore_t: int  # an unproven step size T worth exploring (1: a plain step), else 0
 
 
 @dataclass(slots=True)
@@ -206,10 +163,7 @@ class AdaptiveDrafter:
         self._clock = clock or time.perf_counter
         self._fixed_draft_cost = draft_cost
         self.acceptance = acceptance or AcceptanceModel()
-        try:
-            self._stoppable = "stop" in inspect.signature(inner.propose).parameters
-        except (TypeError, ValueError):
-            self._stoppable = False
+        self._stoppable = is_stoppable(inner)
         if hasattr(inner, "observe_target"):  # a feature-level drafter (EAGLE): pass features on
             self.observe_target = inner.observe_target
         self._clear()
@@ -233,7 +187,7 @@ class AdaptiveDrafter:
         self._cost_bound = False  # the last exploration was of a drafter too costly to ask
         self._wrapper = 0.0  # seconds of this wrapper's own work per step (an average)
         self._plan_key: tuple = ()
-        self._plan_val: _Plan | None = None
+        self._plan_val: PastPlan | None = None
         self.k_hist: dict[int, int] = {}
         self._explore_interval = self.explore_every
         self._since_spec = 0
@@ -288,7 +242,7 @@ class AdaptiveDrafter:
                 self.curve.observe(len(tokens) + 1, gap)
         return new[-1]
 
-    def _plan(self, k_max: int) -> _Plan:
+    def _plan(self, k_max: int) -> PastPlan:
         """The past-only part of the decision, recomputed when what it depends on changed."""
         acc, curve = self.acceptance, self.curve
         key = (curve.version, acc.version, k_max, self._draft_cost, self._consult)
@@ -319,10 +273,10 @@ class AdaptiveDrafter:
                     r = e[k] / (mid + consult + d * k)
                     if r > top:
                         top, explore_t = r, k + 1
-        self._plan_key, self._plan_val = key, _Plan(steps, k_past, ramp, can_pay, explore_t)
+        self._plan_key, self._plan_val = key, PastPlan(steps, k_past, ramp, can_pay, explore_t)
         return self._plan_val
 
-    def _explore_cost_due(self, plan: _Plan) -> int:
+    def _explore_cost_due(self, plan: PastPlan) -> int:
         """The step size to explore now (0: none): an unproven T worth it, within the budget
         (`EXPLORE_COST` of the time, `EXPLORE_COST_DOUBT` while the prior is in doubt)."""
         if not plan.explore_t:
@@ -348,50 +302,35 @@ class AdaptiveDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
     ) -> Draft:
+        """Learn from the last step, decide (`ask_drafter`), draft, choose k (`choose_length`),
+        and keep the books (histogram, explorations, timings)."""
         t_enter = self._clock()
         last_tok = self._observe(context, t_enter)
         k_max = min(num_tokens, self.k_max)
         plan = self._plan(max(k_max, 0))
-        steps, k_past, d = plan.steps, plan.k_past, self._cost_per_token()
         explore = self._since_spec >= self._explore_interval  # acceptance exploration
         explore_t = self._explore_cost_due(plan) if k_max > 0 else 0  # cost exploration
-        plain = explore_t == 1 and not explore  # exploring T = 1: a plain step
-        explore_t = 0 if explore_t == 1 else explore_t
-        cheap = self._draft_cost is None or self._draft_cost < _CHEAP_DRAFT * steps[0]
-        skipped = explored = False  # skipped: a draft was possible but not worth starting
+        cheap = self._draft_cost is None or self._draft_cost < _CHEAP_DRAFT * plan.steps[0]
+        view = StepView(
+            plan,
+            k_max,
+            self._cost_per_token(),
+            explore,
+            0 if explore_t == 1 else explore_t,
+            explore_t == 1 and not explore,  # exploring T = 1: a plain step
+            self._stoppable,
+            cheap,
+        )
+        ask = ask_drafter(view)
+        if ask.cost_bound is not None:
+            self._cost_bound = ask.cost_bound
         draft: Draft | None = None
         t0 = self._clock()
-        if k_max <= 0:
-            pass
-        elif plain:
-            skipped = True
-        elif self._stoppable:
-            pays = (k_past > 0 or explore or explore_t > 0) and plan.can_pay
-            if pays or explore:
-                # exploring a drafter that costs more to ask than it can win back: back off
-                # however the draft fares (asking it again means catching up on every token since)
-                explored, self._cost_bound = k_past == 0 or not pays, not pays
-                least = max(explore_t - 1, 0)  # fixed before drafting: still a stopping time (S)
-
-                def stop(conf: Sequence[float]) -> bool:
-                    if len(conf) < least:
-                        return False
-                    if len(conf) >= plan.ramp:
-                        return True
-                    a = [self.acceptance.estimate(c) for c in conf]
-                    keep_all = not params.greedy
-                    return not continue_pays(a, self.acceptance.rate, k_max, steps, d, keep_all)
-
-                draft = self.inner.propose(context, k_max, params, generator, stop=stop)
-            else:
-                skipped = True
-        elif (plan.can_pay and (cheap or k_past > 0)) or explore or explore_t:
-            explored = not cheap and (k_past == 0 or explore)
-            self._cost_bound = not cheap and explore
-            want = k_max if cheap else max(k_past, 1, explore_t - 1)
-            draft = self.inner.propose(context, want, params, generator)
-        else:
-            skipped = True
+        if ask.stop:
+            stop = self._stop_rule(view, ask.least, not params.greedy)
+            draft = self.inner.propose(context, ask.want, params, generator, stop=stop)
+        elif ask.want:
+            draft = self.inner.propose(context, ask.want, params, generator)
         dt = self._clock() - t0
         n = 0 if draft is None else draft.num_tokens
         if draft is not None and self._fresh:
@@ -403,25 +342,13 @@ class AdaptiveDrafter:
             self._record_draft_time(dt, n)
             if draft is not None and not cheap:
                 self._consult = dt if self._consult is None else 0.8 * self._consult + 0.2 * dt
-        k_x = min(n, explore_t - 1) if explore_t else 0  # the length a cost exploration wants
-        if draft is None or n == 0:
-            k = k_nat = 0
-        elif draft.probs is None:  # deterministic: any prefix, chosen from the confidences (D)
-            conf = self._confidences(draft)
-            k_nat = min(best_length([self.acceptance.estimate(c) for c in conf], steps, d), plan.ramp)
-            k = max(k_nat, k_x)
-        elif self._stoppable:  # stochastic, already a stopping time (S): keep it whole
-            k, k_nat = n, (n if explore_t == 0 else 0)
-        else:  # stochastic, not stoppable: a length fixed from the past only (S)
-            k_nat = min(n, max(k_past, int(explored)))
-            k = max(k_nat, k_x)
-        cost_explored = plain or (k > k_nat and self.curve.unproven(k + 1))
-        if k == 0 and n > 0 and explore:
-            k, explored = 1, True
-        explored = explored and k > 0
+        a = None
+        if n and draft.probs is None:  # deterministic: its calibrated estimates (one host read)
+            a = [self.acceptance.estimate(c) for c in self._confidences(draft)]
+        k, explored, cost_explored = choose_length(view, ask, n, a, self.curve.unproven)
         self._explorations += int(explored)
         self._cost_explorations += int(cost_explored)
-        self._since_spec = self._since_spec + 1 if (k == 0 and (n > 0 or skipped)) else 0
+        self._since_spec = self._since_spec + 1 if (k == 0 and (n > 0 or ask.skipped)) else 0
         self.k_hist[k] = self.k_hist.get(k, 0) + 1
         last_tok = int(context[0, -1]) if last_tok is None else last_tok
         if k == 0:
@@ -436,6 +363,22 @@ class AdaptiveDrafter:
         own = (self._t_exit - t_enter) - dt
         self._wrapper = own if self._wrapper == 0.0 else 0.9 * self._wrapper + 0.1 * own
         return out
+
+    def _stop_rule(self, view: StepView, least: int, keep_all: bool) -> Callable[[Sequence[float]], bool]:
+        """The stop rule a stoppable drafter calls after each drafted token with the confidences
+        so far: stop at the ramp, never before ``least``, else once drafting on cannot pay
+        (`continue_pays`; ``keep_all``: a stochastic draft cannot be cut afterwards)."""
+        plan, k_max, d = view.plan, view.k_max, view.draft_cost
+
+        def stop(conf: Sequence[float]) -> bool:
+            if len(conf) < least:
+                return False
+            if len(conf) >= plan.ramp:
+                return True
+            a = [self.acceptance.estimate(c) for c in conf]
+            return not continue_pays(a, self.acceptance.rate, k_max, plan.steps, d, keep_all)
+
+        return stop
 
     def _confidences(self, draft: Draft) -> list[float]:
         n = draft.num_tokens

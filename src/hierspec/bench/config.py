@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..methods import METHOD_SYNTAX, MethodError, MethodSpec, check_ssd_gammas, parse_method
-from ..methods.spec import AUTO_K_MAX, LOOKUP_LEVELS, parse_gamma
+from ..drafters.model import DRAFT_SAMPLINGS, check_draft_sampling
+from ..methods import METHOD_SYNTAX, REFERENCE, MethodError, MethodSpec, check_gammas, entry_of, parse_method
+from ..methods.spec import LOOKUP_LEVELS, parse_gamma
 from ..prompts import PROMPT_SETS, Prompt, encode_prompt, load_prompt_set, specbench_prompts
 
 SPEC_RULES = ("token", "block", "hsd", "match")
@@ -52,6 +53,7 @@ class BenchConfig:
         default_factory=lambda: [MethodSpec("ar", "ar"), MethodSpec("ngram", "ngram")]
     )
     rules: list[str] = field(default_factory=lambda: list(SPEC_RULES[:3]))  # match: on request
+    draft_samplings: list[str] = field(default_factory=lambda: ["sample"])  # model drafts at T > 0
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
     gammas: list[int] = field(default_factory=lambda: [3, 5])
     dtype: str = "float32"
@@ -151,8 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of each set")
     ap.add_argument("--methods", help=f"comma list of {METHOD_SYNTAX} (default ar,ngram,hf-ngram)")
     ap.add_argument(
-        "--rules", help="verification rules at T > 0: token,block,hsd,match (match: the engines' rule; "
-        "default token,block,hsd)"
+        "--rules",
+        help="verification rules at T > 0: token,block,hsd,match (match: the engines' rule; "
+        "default token,block,hsd)",
+    )
+    ap.add_argument(
+        "--draft-sampling",
+        default="sample",
+        help="how draft models (draft:NAME) pick their tokens at T > 0, comma list of "
+        f"{', '.join(DRAFT_SAMPLINGS)}: sample = draw from the draft's processed q, greedy = its "
+        "argmax, the engines' practice (one cell each; default sample)",
     )
     ap.add_argument("--temperatures", help="comma list, 0 = greedy (default 0,0.7,1.0)")
     ap.add_argument(
@@ -225,12 +235,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise BenchError("--methods: empty list")
     names = list(dict.fromkeys(m.name for m in methods))
     methods = [next(m for m in methods if m.name == n) for n in names]
-    if not any(m.kind == "ar" for m in methods):
-        methods.insert(0, MethodSpec("ar", "ar"))  # the reference of every speed-up
+    if not any(m.kind == REFERENCE for m in methods):
+        methods.insert(0, parse_method(REFERENCE))  # the reference of every speed-up
     rules = _parse_list(pick("rules"), str, "rules")
     bad = [r for r in rules if r not in SPEC_RULES]
     if bad:
         raise BenchError(f"--rules: unknown rule(s) {bad}; valid: {', '.join(SPEC_RULES)}")
+    samplings = _parse_list(args.draft_sampling, str, "draft-sampling")
+    try:
+        samplings = [check_draft_sampling(x, "--draft-sampling") for x in samplings]
+    except ValueError as err:
+        raise BenchError(str(err)) from None
     temps = _parse_list(pick("temperatures"), float, "temperatures")
     if any(not math.isfinite(t) or t < 0 for t in temps):
         raise BenchError(f"--temperatures: expected finite numbers >= 0, got {temps}")
@@ -238,8 +253,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if any(g < 0 for g in gammas):
         raise BenchError(f"--gammas: expected integers >= 1 or 'auto', got {gammas}")
     for m in methods:
-        if m.kind == "ssd":
-            check_ssd_gammas(m, [g or AUTO_K_MAX for g in gammas])
+        if not entry_of(m).plain:
+            check_gammas(m, method_gammas(m, gammas))
     sets = _parse_list(pick("sets"), str, "sets")
     for s in sets:
         if s.startswith("specbench:"):
@@ -255,6 +270,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         offset=args.offset,
         methods=methods,
         rules=rules,
+        draft_samplings=samplings,
         temperatures=temps,
         gammas=sorted(gammas),
         dtype=pick("dtype"),
@@ -385,16 +401,19 @@ def encode_prompts(
 # ------------------------------------------------------------------------------------ cells
 @dataclass(frozen=True)
 class Cell:
-    """One column of the matrix at one temperature: a method with its gamma and rule."""
+    """One column of the matrix at one temperature: a method with its gamma and rule, and how its
+    draft model picks tokens at T > 0 (``draft_sampling``; the label shows it unless "sample")."""
 
     method: MethodSpec
     temperature: float
     gamma: int | None
     rule: str  # "-" (AR), "greedy" (T = 0), token|block|hsd, "hf" (HF's own rule at T > 0)
+    draft_sampling: str = "sample"  # sample | greedy (`hierspec.drafters.model.DRAFT_SAMPLINGS`)
 
     @property
     def label(self) -> str:
-        if self.method.kind in ("ar", "llama-ar"):
+        entry = entry_of(self.method)
+        if entry.plain:
             return self.method.kind
         name = self.method.name
         if self.method.path:
@@ -403,16 +422,32 @@ class Cell:
                 f"/{k}={v:g}" if isinstance(v, float) else f"/{k}={v}" for k, v in self.method.ssd
             )
         elif self.method.levels:
-            name = "hierarchy:" + "+".join(
+            name = f"{self.method.kind}:" + "+".join(
                 p if p in LOOKUP_LEVELS else f"{Path(p).stem}@{g}" for p, g in self.method.levels
             )
-        planned = self.method.kind == "hierarchy" and not self.method.levels
+        planned = entry.planned(self.method)
         if planned:  # the planner's batch lengths, whatever gamma says
-            name = "hierarchy:plan"
+            name = f"{self.method.kind}:plan"
         parts = [name, "γplan" if planned else f"γ{self.gamma or 'auto'}"]
         if self.rule not in ("greedy", "hf"):
             parts.insert(1, self.rule)
-        return "/".join(parts)
+        label = "/".join(parts)
+        return label if self.draft_sampling == "sample" else f"{label} [{self.draft_sampling}]"
+
+
+def method_gammas(m: MethodSpec, gammas: Sequence[int]) -> list[int]:
+    """The draft lengths the matrix runs ``m`` at, from ``--gammas`` (0 = auto): the method's own
+    length (HiSpec's N_i, a tree's depth), one cell for a planned stack (the planner's lengths,
+    also at auto), integers only where the length is fixed (peers and SSD have no adaptive
+    length; HF assisted generation has: auto = its own defaults), else all of them."""
+    entry = entry_of(m)
+    own = entry.own_gamma(m)
+    if own is not None:
+        return [own]
+    fixed = [g for g in gammas if g] or [5]
+    if entry.planned(m):
+        return fixed[:1]
+    return fixed if entry.fixed_gamma else list(gammas)
 
 
 def plan_cells(cfg: BenchConfig) -> list[Cell]:
@@ -420,22 +455,18 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
     cells = []
     for t in cfg.temperatures:
         for m in cfg.methods:
-            if m.kind in ("ar", "llama-ar"):
+            entry = entry_of(m)
+            if entry.plain:
                 cells.append(Cell(m, t, None, "-"))
                 continue
-            fixed = [g for g in cfg.gammas if g] or [5]  # peers and SSD have no adaptive length
-            gammas = fixed if m.hf or m.llama or m.kind == "ssd" else cfg.gammas
-            if m.kind == "hf-draft":  # except HF assisted generation: auto = its own defaults
-                gammas = cfg.gammas
-            if m.kind == "hierarchy" and not m.levels:  # planned: the planner's lengths (also at auto)
-                gammas = fixed[:1]
-            for g in [m.ni] if m.kind == "hispec" else [m.tree[0]] if m.tree else gammas:
+            for g in method_gammas(m, cfg.gammas):
                 if t == 0:
                     cells.append(Cell(m, t, g, "greedy"))
-                elif m.hf or m.llama:
-                    cells.append(Cell(m, t, g, "hf" if m.hf else "llama"))
+                elif entry.peer:  # the peer's own rule
+                    cells.append(Cell(m, t, g, entry.runner))
                 elif m.tree:  # trees: exact recursive rejection sampling, no chain rule
                     cells.append(Cell(m, t, g, "tree"))
-                else:
-                    cells.extend(Cell(m, t, g, r) for r in cfg.rules)
+                else:  # a draft model's sampling is one more axis (draft: only)
+                    samplings = cfg.draft_samplings if entry.draft_sampling else ["sample"]
+                    cells.extend(Cell(m, t, g, r, ds) for ds in samplings for r in cfg.rules)
     return cells

@@ -76,11 +76,18 @@ from typing import Any
 import torch
 
 from ..host import cpu_model
-from ..methods import MethodSpec, check_ssd_gammas, hf_module, parse_method
+from ..methods import (
+    MethodSpec,
+    backend_of,
+    check_gammas,
+    check_ssd_gammas,
+    entry_of,
+    hf_module,
+    parse_method,
+)
 from ..prompts import Prompt
 from .config import (
     TIME_COMPONENTS,
-    WARMUP_TOKENS,
     BenchConfig,
     BenchError,
     Cell,
@@ -90,35 +97,40 @@ from .config import (
     contexts,
     encode_prompts,
     load_prompts,
+    method_gammas,
     plan_cells,
 )
+from .matrix import Matrix, mark_identity, oracle, seed_of, timing
 from .runner import Runner, SSDSessions, _maxrss_mb
 
+_seed = seed_of  # the seed of a run (`hierspec.bench.matrix.seed_of`)
 
-def _seed(cfg: BenchConfig, prompt_index: int, repeat: int) -> int:
-    """The seed of a run, the same for every method: one per prompt and repeat (>= 0); the
-    warm-ups (``repeat`` -1, -2, ...) get seeds after those of every timed repeat (all >= 0)."""
-    if repeat < 0:
-        repeat = cfg.repeats - 1 - repeat
-    return cfg.seed + 100_003 * repeat + prompt_index
+#: what a method's ``needs`` asks of the target, and the error when the target lacks it
+_TARGET_NEEDS = {
+    "hf": (
+        lambda target: hf_module(target) is not None,
+        "needs a transformers target (HFModel); this target has none",
+    ),
+    "llama": (
+        lambda target: backend_of(target) == "llama.cpp",
+        "needs a llama.cpp target (--backend llama.cpp)",
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------ steps
 def check_methods(cfg: BenchConfig, target: Any, drafts: dict[str, Any], heads: dict[int, Any]) -> None:
-    """BenchError for a method that cannot run on this target with what was loaded."""
-    if any(m.hf for m in cfg.methods) and hf_module(target) is None:
-        raise BenchError("hf-ngram / hf-draft need a transformers target (HFModel); this target has none")
+    """BenchError for a method that cannot run on this target with what was loaded (what it
+    ``needs``, its early-exit heads and drafts) or at the matrix's draft lengths."""
     for m in cfg.methods:
-        if m.kind in ("early-exit", "hispec"):
-            if hf_module(target) is None:
-                raise BenchError(f"method {m.name}: self-speculation needs a transformers target")
-            missing = [e for e in m.exits if e not in heads]
-            if missing:
-                raise BenchError(f"method {m.name}: no early-exit head loaded for exit(s) {missing}")
-        if m.llama and getattr(target, "backend", None) != "llama.cpp":
-            raise BenchError(
-                f"method {m.name}: llama.cpp peers need a llama.cpp target (--backend llama.cpp)"
-            )
+        entry = entry_of(m)
+        for need in sorted(entry.needs & _TARGET_NEEDS.keys()):
+            has, what = _TARGET_NEEDS[need]
+            if not has(target):
+                raise BenchError(f"method {m.name} {what}")
+        missing = [e for e, _ in entry.heads(m) if e not in heads]
+        if missing:
+            raise BenchError(f"method {m.name}: no early-exit head loaded for exit(s) {missing}")
         for path in m.paths:
             d = drafts.get(path)
             if d is None:
@@ -128,95 +140,10 @@ def check_methods(cfg: BenchConfig, target: Any, drafts: dict[str, Any], heads: 
                     f"method {m.name}: the draft's vocabulary has {d.vocab_size} tokens but the "
                     f"target's has {target.vocab_size}; a draft must share the target's tokenizer"
                 )
-            if m.kind == "hf-draft" and hf_module(d) is None:
+            if entry.peer and "hf" in entry.needs and hf_module(d) is None:
                 raise BenchError(f"method {m.name}: the draft is not a transformers model")
-        if m.kind == "ssd":
-            check_ssd_gammas(m, cfg.gammas)
-
-
-class _Matrix:
-    """The timed part of a run: warm-ups, then every cell on every prompt and repeat (order
-    rotated per prompt), accumulating rows, errors and the time inside generation calls."""
-
-    def __init__(self, cfg: BenchConfig, runner: Runner, cells: list[Cell], bar: Any) -> None:
-        self.cfg, self.runner, self.cells, self.bar = cfg, runner, cells, bar
-        self.rows: list[dict] = []
-        self.errors: list[dict] = []
-        self.t_gen = self.t_analysis = self.t_warm = 0.0
-        self.warm_rss: dict[tuple[str, float], float] = {}
-        self.interrupted = False
-        self.failed: dict | None = None  # the run that stopped the matrix (``--on-error raise``)
-
-    def _failure(self, record: dict, err: Exception) -> bool:
-        """Record a failed run: True to go on (``--on-error skip``), False to stop (then
-        ``self.failed`` holds the record, with the traceback)."""
-        error = f"{type(err).__name__}: {err}"
-        if self.cfg.on_error == "raise":
-            tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-            self.failed = {**record, "error": error, "traceback": tb}
-            return False
-        print(
-            f"hierspec bench: warning: {record['label']} on {record['prompt_id']} failed "
-            f"({record['stage']}): {err}",
-            file=sys.stderr,
-        )
-        self.errors.append({**record, "error": error})
-        self.bar.update()
-        return True
-
-    def warm_up(self, p: Prompt, ids: list[int]) -> None:
-        for w in range(self.cfg.warmup):
-            for cell in self.cells:
-                t0 = time.perf_counter()
-                max_new = min(WARMUP_TOKENS, self.cfg.max_new_tokens)
-                seed = _seed(self.cfg, 0, -1 - w)
-                try:
-                    row = self.runner.run(cell, ids, seed, max_new, False)
-                except Exception as err:
-                    record = {"prompt_id": p.id, "category": p.category, "label": cell.label}
-                    record.update(method=cell.method.name, temperature=cell.temperature, seed=seed)
-                    if self._failure({**record, "stage": "warmup"}, err):
-                        continue
-                    raise
-                self.t_warm += time.perf_counter() - t0 - row.get("ssd", {}).get("time_sync_s", 0.0)
-                key = (cell.label, cell.temperature)
-                self.warm_rss[key] = self.warm_rss.get(key, 0.0) + row["rss_peak_raise_mb"]
-                self.bar.update()
-
-    def run(self, encoded: list[tuple[Prompt, list[int]]]) -> None:
-        cfg = self.cfg
-        for i, (p, ids) in enumerate(encoded):
-            for rep in range(cfg.repeats):
-                seed = _seed(cfg, i, rep)
-                k = (i + rep) % len(self.cells)
-                for cell in self.cells[k:] + self.cells[:k]:  # rotate the order per prompt
-                    self._one(p, ids, rep, seed, cell)
-
-    def _one(self, p: Prompt, ids: list[int], rep: int, seed: int, cell: Cell) -> None:
-        base = {
-            "prompt_id": p.id,
-            "category": p.category,
-            "prompt_tokens": len(ids),
-            "repeat": rep,
-            "seed": seed,
-            "method": cell.method.name,
-            "kind": cell.method.kind,
-            "label": cell.label,
-            "temperature": cell.temperature,
-            "gamma": cell.gamma,
-            "rule": cell.rule,
-        }
-        try:
-            row = self.runner.run(cell, ids, seed, self.cfg.max_new_tokens, self.cfg.expected_acceptance)
-        except Exception as err:
-            if self._failure({**base, "stage": "generate"}, err):
-                return
-            raise
-        self.t_gen += row["time_call_s"]
-        self.t_analysis += row["time_analysis_s"]
-        row["tokens_per_s"] = row["new_tokens"] / row["time_s"] if row["time_s"] > 0 else 0.0
-        self.rows.append({**base, **row})
-        self.bar.update()
+        if not entry.plain:
+            check_gammas(m, method_gammas(m, cfg.gammas))
 
 
 def run_bench(
@@ -253,15 +180,14 @@ def run_bench(
     cells = plan_cells(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    specs = {
-        p: (draft_specs or {}).get(p, drafts.get(p)) for p in {m.path for m in cfg.methods if m.kind == "ssd"}
-    }
+    remote = {m.path for m in cfg.methods if entry_of(m).remote}
+    specs = {p: (draft_specs or {}).get(p, drafts.get(p)) for p in remote}
     ssd = SSDSessions()  # the bench's placement (affinity, threads), restored after every SSD call
     runner: Runner | None = None
     n_runs = len(encoded) * cfg.repeats * len(cells) + cfg.warmup * len(cells)
     bar = tqdm(total=n_runs, desc="hierspec bench", unit="run", file=sys.stderr, disable=not progress)
     rss_start = _maxrss_mb()
-    matrix: _Matrix | None = None
+    matrix: Matrix | None = None
     t_wall0 = time.perf_counter()
     sync0 = 0.0
     failure: Exception | None = None
@@ -271,7 +197,7 @@ def run_bench(
         ssd.start(cfg.methods, target, specs)
         eos = getattr(tokenizer, "eos_token_id", None)
         runner = Runner(cfg, target, eos, drafts, heads, ssd, target_name=target_name)
-        matrix = _Matrix(cfg, runner, cells, bar)
+        matrix = Matrix(cfg, runner, cells, bar)
         t_wall0, sync0 = time.perf_counter(), ssd.sync_s
         try:
             matrix.warm_up(*encoded[0])
@@ -290,8 +216,8 @@ def run_bench(
             runner.close()
         ssd.close()  # stops every speculator and restores the bench's affinity and threads
     wall = time.perf_counter() - t_wall0
-    _mark_identity(matrix.rows)
-    oracle = _oracle(target) if failure is None and any(c.gamma == 0 for c in cells) else None
+    mark_identity(matrix.rows)
+    bound = oracle(target) if failure is None and any(c.gamma == 0 for c in cells) else None
     results = {
         "config": cfg.to_dict(),
         "target": target_name,
@@ -304,6 +230,7 @@ def run_bench(
                 "gamma": c.gamma,
                 "rule": c.rule,
                 "draft": c.method.path,
+                "draft_sampling": c.draft_sampling,
             }
             for c in cells
         ],
@@ -312,8 +239,8 @@ def run_bench(
         "errors": encode_errors + matrix.errors,
         "interrupted": matrix.interrupted,
         "failed": matrix.failed,
-        "oracle": oracle,
-        "timing": _timing(matrix, ssd, wall, ssd.sync_s - sync0),
+        "oracle": bound,
+        "timing": timing(matrix, ssd, wall, ssd.sync_s - sync0),
         "ssd": ssd.info() if ssd.sessions else None,
         "memory": {
             "method": "resource.getrusage(RUSAGE_SELF).ru_maxrss (process-wide peak RSS; "
@@ -329,51 +256,6 @@ def run_bench(
         failure.bench_results = results  # type: ignore[attr-defined]
         raise failure
     return results
-
-
-def _oracle(target: Any) -> dict:
-    """The target's cost curve on this host (`hierspec.costs.cost_curve`, cached per host) and
-    the oracle bound: the speed-up of drafting k tokens that are all accepted, max over k."""
-    from ..costs import cost_curve
-
-    curve = cost_curve(target)
-    ks = [n - 1 for n in curve.sizes if n > 1]
-    best = max(ks, key=lambda k: (k + 1) * curve(1) / curve(k + 1))
-    return {
-        "sizes": list(curve.sizes),
-        "seconds": [curve(n) for n in curve.sizes],
-        "k": best,
-        "speedup": (best + 1) * curve(1) / curve(best + 1),
-    }
-
-
-def _timing(matrix: _Matrix, ssd: SSDSessions, wall: float, t_sync: float) -> dict:
-    inside = matrix.t_gen + matrix.t_warm
-    harness_s = wall - inside - t_sync
-    return {
-        "wall_s": wall,
-        "generation_calls_s": inside - matrix.t_analysis,
-        "warmup_calls_s": matrix.t_warm,
-        "analysis_s": matrix.t_analysis,
-        "harness_s": harness_s,
-        "harness_overhead_pct": 100.0 * harness_s / wall if wall > 0 else 0.0,
-        "analysis_pct": 100.0 * matrix.t_analysis / wall if wall > 0 else 0.0,
-        "ssd_start_s": ssd.start_s,  # speculator start-up, before the matrix (not in wall_s)
-        "ssd_sync_s": t_sync,  # untimed waits for idle speculators, in wall_s, not in harness_s
-    }
-
-
-def _mark_identity(rows: list[dict]) -> None:
-    """``identical_to_ar`` for greedy rows: same token ids as hierspec AR on that prompt/repeat."""
-    ar = {
-        (r["prompt_id"], r["repeat"]): r["token_ids"]
-        for r in rows
-        if r["kind"] == "ar" and r["temperature"] == 0
-    }
-    for r in rows:
-        ref = ar.get((r["prompt_id"], r["repeat"]))
-        ok = r["temperature"] == 0 and r["kind"] != "ar" and ref is not None
-        r["identical_to_ar"] = (r["token_ids"] == ref) if ok else None
 
 
 # ------------------------------------------------------------------------------------ machine
@@ -438,9 +320,8 @@ def load_models(cfg: BenchConfig) -> tuple[Any, Any, dict[str, Any], dict[int, A
     for m in cfg.methods:
         for ref in m.paths:
             models.draft(ref)
-        if m.kind in ("early-exit", "hispec"):
-            for e, p in zip(m.exits, m.exit_heads or (None,) * len(m.exits), strict=True):
-                models.exit_head(e, p)
+        for e, p in entry_of(m).heads(m):
+            models.exit_head(e, p)
     return opened.model, opened.tokenizer, models.drafts, models.heads, opened.name
 
 
@@ -467,8 +348,7 @@ def _stopped(results: dict, out: Path, load_s: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``hierspec bench ...``: 0 on success, 2 on bad input (one line on stderr), 130 when
     interrupted, 1 when a run failed (``--on-error raise``); in both what finished is written."""
-    from ..methods import resolve_draft
-    from ..ssd.draft_spec import DraftSpec
+    from ..methods.ssd import draft_spec
     from .report import format_summary, plots_available, write_report
 
     argv = sys.argv[1:] if argv is None else argv
@@ -484,11 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ImportError) as err:
             raise BenchError(f"loading models: {err}") from None
         # each SSD speculator process loads its draft from the file itself, with the one loader
-        specs = {
-            m.path: DraftSpec(resolve_draft(m.path), getattr(torch, cfg.dtype))
-            for m in cfg.methods
-            if m.kind == "ssd"
-        }
+        specs = {m.path: draft_spec(m, getattr(torch, cfg.dtype)) for m in cfg.methods if entry_of(m).remote}
         load_s = time.perf_counter() - t0
         try:
             results = run_bench(

@@ -65,13 +65,14 @@ def run_hf(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> 
         kw.update(do_sample=True, temperature=cell.temperature, top_k=0, top_p=runner.cfg.top_p)
     else:
         kw.update(do_sample=False)
-    if cell.method.kind == "hf-ngram":
+    options = runner.built(cell).options  # what the registry's peer build gathered
+    if options.get("prompt_lookup"):
         kw.update(prompt_lookup_num_tokens=cell.gamma, max_matching_ngram_size=HF_PLD_MAX_NGRAM)
-    elif cell.method.kind == "hf-early-exit":
+    elif "early_exit" in options:
         # HF's LayerSkip self-speculation: the first L layers + the model's own norm and LM head
-        kw.update(assistant_early_exit=cell.method.exits[0], num_assistant_tokens=cell.gamma)
+        kw.update(assistant_early_exit=options["early_exit"], num_assistant_tokens=cell.gamma)
     else:
-        assistant = hf_module(runner.built(cell).options["assistant"])
+        assistant = hf_module(options["assistant"])
         # HF reads these from the assistant's generation_config; pass them both ways
         gc = assistant.generation_config
         gamma, threshold = (cell.gamma, 0.0) if cell.gamma else HF_ASSISTED_DEFAULTS
@@ -178,7 +179,8 @@ def llama_room(n_ctx: int, prompt_tokens: int, max_new: int) -> int:
 
 def run_llama(runner: Any, cell: Cell, ids: list[int], seed: int, max_new: int) -> dict:
     """One generation with llama-cpp-python's own loop on the target's GGUF (see module docstring)."""
-    llm = _llama(runner, cell.gamma if cell.method.kind == "llama-pld" else None)
+    lookup = runner.built(cell).options.get("prompt_lookup")
+    llm = _llama(runner, cell.gamma if lookup else None)
     # the target's context (llama.cpp may round the peer's up, e.g. 640 -> 768): as hierspec AR
     max_new = llama_room(min(llm.n_ctx(), runner.target.max_length), len(ids), max_new)
     llm.reset()  # else `generate` silently reuses the KV cache of the previous call's common prefix

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 
+from ..methods import REFERENCE
 from .config import TIME_COMPONENTS
 
 __all__ = ["make_plots", "overall"]
@@ -65,7 +66,7 @@ def make_plots(results: dict) -> dict[str, bytes]:
     width_in = max(5.5, 1.6 * len(cats) + 3)
     fig, axes = plt.subplots(1, len(temps), figsize=(width_in * len(temps), 4.2), squeeze=False, sharey=True)
     for ax, t in zip(axes[0], temps, strict=True):
-        labels = [c["label"] for c in results["cells"] if c["temperature"] == t and c["kind"] != "ar"]
+        labels = [c["label"] for c in results["cells"] if c["temperature"] == t and c["kind"] != REFERENCE]
         width = 0.8 / max(1, len(labels))
         colors = _colors(len(labels))
         for j, lab in enumerate(labels):

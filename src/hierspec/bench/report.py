@@ -17,6 +17,9 @@ Every metric of a (category, method cell, temperature) group is computed from th
   verify rule, rollback, other; HF: total only);
 * exact expected acceptance: sum over realised drafts of E[accepted | draft] from
   ``RULES[rule].law`` next to the measured accepted count, with z = (measured - expected) / sd;
+* τ per cell with a 95 % interval, and each rule's Δτ, Δτ/τ and tok/s ratio against ``match``
+  (same draft sampling, and greedy drafts: the engines' practice), paired by prompt and repeat,
+  with percentile-bootstrap intervals over prompts (`hierspec.bench.intervals`);
 * greedy token identity with hierspec AR; peak RSS (``ru_maxrss``);
 * SSD cells (``ssd:NAME``): pooled hit rate (hits / predicted rounds), E_hit / E_miss (tokens per
   round on a cache hit / on a fallback), T_p / T_v, fallback and fault counts, the Theorem-7 cost
@@ -37,6 +40,7 @@ from pathlib import Path
 
 from ..files import write_bytes_atomic
 from .config import TIME_COMPONENTS
+from .intervals import acceptance_intervals, intervals_section
 from .plots import make_plots, overall
 from .summary import summarize
 
@@ -284,6 +288,7 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
         f"- prompt sets: {', '.join(cfg['sets'])}; {cfg['n']} per set (per category for Spec-Bench), "
         f"offset {cfg['offset']}; {results['num_prompts']} prompts used",
         f"- methods: {', '.join(cfg['methods'])}; rules at T > 0: {', '.join(cfg['rules'])}; "
+        f"draft models at T > 0: {', '.join(cfg.get('draft_samplings', ['sample']))}; "
         f"γ: {', '.join(str(g or 'auto') for g in cfg['gammas'])}; temperatures: "
         f"{', '.join(_temp(x) for x in cfg['temperatures'])}; top-p {cfg['top_p']:g}, top-k off",
         f"- {cfg['max_new_tokens']} new tokens max (stop at EOS), {cfg['repeats']} repeat(s), "
@@ -385,6 +390,7 @@ def to_markdown(results: dict, plots: Sequence[str] = ()) -> str:
             "differences form a martingale, so |z| ≲ 2 is expected from a correct rule.",
             "",
         ]
+    out += intervals_section(results, results.get("acceptance_intervals"))
     out += _adaptive_section(results, summ)
     pp = [s for s in ov if s.get("per_position_acceptance")]
     if pp:
@@ -455,6 +461,7 @@ def write_report(results: dict, out: str | os.PathLike[str]) -> list[Path]:
     """Summarise ``results`` (adds ``results["summary"]``) and write report.md, results.json and
     the PNG plots into ``out`` (created if needed). Returns the paths written."""
     results["summary"] = summarize(results)
+    results["acceptance_intervals"] = acceptance_intervals(results)
     pngs = make_plots(results) if plots_available() and results["rows"] else {}
     files = {
         "results.json": json.dumps(results, indent=1, default=str).encode(),

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from ..methods import MethodSpec, ModelSet, backend_of, build_method, hf_module
+from ..methods import MethodSpec, ModelSet, backend_of, build_method, entry_of, hf_module
+from ..methods.ssd import REPLY_TIMEOUT_S, ssd_options
 from ..sampling import SamplingParams
 from ..verify import RULES
 from .config import SPEC_RULES, BenchConfig, BenchError, Cell
 
-SSD_REPLY_TIMEOUT_S = 60.0
+SSD_REPLY_TIMEOUT_S = REPLY_TIMEOUT_S  # the registry's default (`hierspec.methods.ssd`)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -106,7 +107,7 @@ class SSDSessions:
 
     @staticmethod
     def key(m: MethodSpec) -> tuple[str, float]:
-        return str(m.path), float(m.ssd_kwargs.get("reply_timeout_s", SSD_REPLY_TIMEOUT_S))
+        return str(m.path), ssd_options(m)[1]
 
     def start(self, methods: Sequence[MethodSpec], target: Any, specs: dict[str, Any]) -> None:
         from ..ssd import SSDSession
@@ -114,7 +115,7 @@ class SSDSessions:
         t0 = time.perf_counter()
         try:
             for m in methods:
-                if m.kind != "ssd" or self.key(m) in self.sessions:
+                if not entry_of(m).remote or self.key(m) in self.sessions:
                     continue
                 k = self.key(m)
                 try:
@@ -213,7 +214,7 @@ class Runner:
     tokenizer: Any = None
     target_name: str | None = None
     models: ModelSet | None = None
-    _built: dict[tuple[str, str, int], Any] = field(default_factory=dict)
+    _built: dict[tuple[str, str, int, str], Any] = field(default_factory=dict)
     _counters: dict[str, _ForwardCounter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -240,12 +241,15 @@ class Runner:
             c.handle.remove()
 
     def built(self, cell: Cell) -> Any:
-        """The registry's `Built` for this cell's method, rule and gamma (built once)."""
+        """The registry's `Built` for this cell's method, rule, gamma and draft sampling (built
+        once)."""
         rule = cell.rule if cell.rule in SPEC_RULES else "token"
         gamma = 1 if cell.gamma is None else cell.gamma  # AR: None; adaptive (γ auto): 0
-        key = (cell.method.name, rule, gamma)
+        key = (cell.method.name, rule, gamma, cell.draft_sampling)
         if key not in self._built:
-            self._built[key] = build_method(cell.method, self.models, rule=rule, gamma=gamma)
+            self._built[key] = build_method(
+                cell.method, self.models, rule=rule, gamma=gamma, draft_sampling=cell.draft_sampling
+            )
         return self._built[key]
 
     def clear_caches(self) -> None:
@@ -267,23 +271,23 @@ class Runner:
         from .peers import run_hf, run_llama
 
         m = cell.method
-        draft_key = m.path if m.kind in ("draft", "hf-draft") else None
-        if m.kind == "hierarchy":
-            draft_key = next(iter(m.paths), None)
+        runner = entry_of(m).runner
+        draft_key = next(iter(m.paths), None)  # the (bottom) draft model, if any
         self._take("target")
         self._take(draft_key)
         rss0 = _maxrss_mb()
-        if m.hf:
+        if runner == "hf":
             row = run_hf(self, cell, ids, seed, max_new_tokens)
-        elif m.llama:
+        elif runner == "llama":
             row = run_llama(self, cell, ids, seed, max_new_tokens)
-        elif m.kind == "ssd":
+        elif runner == "ssd":
             row = self._run_ssd(cell, ids, seed, max_new_tokens)
         else:
             row = self._run_hierspec(cell, ids, seed, max_new_tokens, analyse)
         row["target_calls"] = self._take("target")
-        row["draft_forwards"] = self._take(draft_key)
-        if m.hf and row["target_calls"] is not None:
+        draft_forwards = self._take(draft_key)
+        row.setdefault("draft_forwards", draft_forwards)
+        if runner == "hf" and row["target_calls"] is not None:
             # each HF target call (the first one is the prefill) emits >= 1 token
             row["target_forwards"] = row["target_calls"]
         rss1 = _maxrss_mb()
@@ -293,9 +297,10 @@ class Runner:
 
     def _run_hierspec(self, cell: Cell, ids: list[int], seed: int, max_new: int, analyse: bool) -> dict:
         built = self.built(cell)
+        drafts = not entry_of(cell.method).plain
         hook = (
             _LawHook(cell.rule)
-            if analyse and cell.method.drafts and cell.temperature > 0 and built.tree is None
+            if analyse and drafts and cell.temperature > 0 and built.tree is None
             else None
         )
         params = SamplingParams(
@@ -319,7 +324,7 @@ class Runner:
         t_net = t_call - analysis
         times = {"draft": s.time_draft, "target_forward": s.time_target_forward}
         row = _stats_row(res, times, t_net, t_call, analysis)
-        if not cell.method.drafts:
+        if not drafts:
             row["mean_acceptance_length"] = None
         if built.system is not None:
             row["stages"] = built.system.stage_stats(res)
@@ -338,7 +343,7 @@ class Runner:
         if self.ssd is None:
             raise RuntimeError(f"method {cell.method.name}: no SSD session was started")
         session = self.ssd.session(cell.method)
-        kw = {k: v for k, v in cell.method.ssd_kwargs.items() if k != "reply_timeout_s"}
+        kw = ssd_options(cell.method)[0]
         params = SamplingParams(
             temperature=cell.temperature, top_p=self.cfg.top_p if cell.temperature else 1.0
         )
@@ -396,4 +401,5 @@ class Runner:
             options={**kw, "budget": kw.get("budget") or 3 * ((cell.gamma or 1) + 1)},
             time_sync_s=t_sync,
         )
-        return {**_stats_row(res, times, t_call, t_call, 0.0), "ssd": ssd}
+        # the draft runs in the speculator's process: no local forward counts
+        return {**_stats_row(res, times, t_call, t_call, 0.0), "ssd": ssd, "draft_forwards": None}

@@ -9,6 +9,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from ..methods import ENTRIES, REFERENCE
 from .config import TIME_COMPONENTS
 
 __all__ = ["summarize"]
@@ -77,7 +78,7 @@ def _group_summary(rows: list[dict], ar: dict, cell: dict, category: str) -> dic
     dfw = [r.get("draft_forwards") for r in rows]
     s["draft_forwards_per_token"] = sum(dfw) / tokens if tokens and None not in dfw and rows else None
     spec = [r for r in rows if "num_spec_steps" in r]
-    if cell["kind"] != "ar" and spec and len(spec) == len(rows):
+    if cell["kind"] != REFERENCE and spec and len(spec) == len(rows):
         steps = sum(r["num_spec_steps"] for r in rows)
         drafted = sum(r["num_draft_tokens"] for r in rows)
         acc = sum(r["num_accepted_draft_tokens"] for r in rows)
@@ -172,7 +173,7 @@ def _paired_ratio(rows: list[dict], ref: dict) -> tuple[float | None, int]:
 def summarize(results: dict) -> list[dict]:
     """One summary per (category, cell) plus category "all"; cells in matrix order."""
     rows = results["rows"]
-    ar = {(r["prompt_id"], r["repeat"], r["temperature"]): r for r in rows if r["kind"] == "ar"}
+    ar = {(r["prompt_id"], r["repeat"], r["temperature"]): r for r in rows if r["kind"] == REFERENCE}
     cats = list(dict.fromkeys(r["category"] for r in rows))
     cells = results["cells"]
     out = []
@@ -192,15 +193,18 @@ def summarize(results: dict) -> list[dict]:
             if not grp:
                 continue
             s = _group_summary(grp, ar, cell, cat)
-            if cell["kind"] == "ssd":
-                # synchronous speculative decoding with the same draft, γ, rule and temperature
+            entry = ENTRIES.get(cell["kind"])  # None: a kind this version does not know
+            partner = entry.compare_with if entry is not None else None
+            if partner is not None:
+                # e.g. SSD against synchronous speculative decoding: the same draft, γ, rule and T
                 sd = next(
                     (
                         c
                         for c in cells
-                        if c["kind"] == "draft"
+                        if c["kind"] == partner
                         and c.get("draft") == cell.get("draft")
                         and all(c[k] == cell[k] for k in ("temperature", "gamma", "rule"))
+                        and c.get("draft_sampling", "sample") == "sample"  # SSD's drafts sample
                     ),
                     None,
                 )

@@ -78,6 +78,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "hierarchy and both HiSpec stages use it",
     )
     g.add_argument(
+        "--draft-sampling",
+        default="sample",
+        choices=("sample", "greedy"),
+        help="how a draft model drafts at temperature > 0: sample = draws from its own distribution "
+        "(what block / HSD verification gain from), greedy = its argmax (llama.cpp's and SGLang's "
+        "practice); both exact with every rule",
+    )
+    g.add_argument(
         "--gamma",
         default="auto",
         help="draft tokens per step: an integer >= 1, or auto (default: chosen per step from the "

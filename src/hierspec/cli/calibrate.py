@@ -58,6 +58,7 @@ def run_calibrate(args: Any) -> int:
 
 def run_plan(args: Any) -> int:
     from ..calibrate import Calibration
+    from ..methods.hierarchy import plan_as_method
     from ..planner import plan
 
     if args.n_max < 1 or args.top < 1:
@@ -74,18 +75,6 @@ def run_plan(args: Any) -> int:
             f"| {r} | {chain} | {','.join(map(str, pl.batches)) or '-'} | {1e3 * pl.latency:.1f} "
             f"| {pl.speedup:.2f}x |"
         )
-    explicit = _as_method(cal.names, ranked[0])
+    explicit = plan_as_method(cal.names, ranked[0])
     print(f"run the fastest: --method hierarchy:plan={args.calibration} (= {explicit})")
     return 0
-
-
-def _as_method(names: list[str], pl: Any) -> str:
-    """The plan as an explicit method and draft length (what hierarchy:plan=FILE builds)."""
-    levels = [names[i] for i in pl.chain[:-1]]
-    if not levels:
-        return "ar: no draft pays for its cost"
-    if len(levels) == 1:
-        method = levels[0] if levels[0] in LOOKUP_LEVELS else f"draft:{levels[0]}"
-        return f"--method {method} --gamma {pl.batches[0]}"
-    stack = "+".join([levels[0], *(f"{n}@{g}" for n, g in zip(levels[1:], pl.batches[:-1], strict=True))])
-    return f"--method hierarchy:{stack} --gamma {pl.batches[-1]}"

@@ -8,8 +8,10 @@
     --method eagle --tree --tree-depth 3 ...           -> eagle-tree:3/K/B[:HEAD]
     --method ssd --draft small --budget 16 ...         -> ssd:small/budget=16/...
 
-``--method SPEC`` with a full spec is taken as is (its flags must then not be given). Every check
-here runs before any model is loaded; errors name the flag.
+``--method SPEC`` with a full spec is taken as is (its flags must then not be given). Which flags
+belong to which method, and how they become its spec, is the registry's (``Entry.flags``,
+``Entry.from_flags`` in each family module); what the spec names is checked once, by its parser.
+Every check runs before any model is loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..methods import ENTRIES, METHOD_SYNTAX
+from ..methods import ENTRIES, METHOD_SYNTAX, MethodError
 
 __all__ = ["SEED_LIMIT", "CliError", "check_prompt", "check_seed", "method_type", "spec_from_flags"]
 
@@ -64,112 +66,30 @@ def method_type(text: str) -> str:
     return text
 
 
-def _levels(args: argparse.Namespace) -> str:
-    """--levels/--gammas as the hierarchy spec argument ('' = the planner's stack)."""
-    if not args.levels:
-        if args.gammas:
-            raise CliError("--gammas needs --levels (without --levels the planner picks both)")
-        return ""
-    specs = [x.strip() for x in args.levels.split(",") if x.strip()]
-    lookup = ("ngram", "suffix")
-    if any(s in lookup for s in specs[1:]):
-        raise CliError("--levels: 'ngram' can only be the bottom level")
-    n_models = len(specs) - (specs[0] in lookup)
-    if n_models < 1:
-        raise CliError("--levels: give at least one draft model (e.g. ngram,PATH)")
-    try:
-        gs = [int(x) for x in args.gammas.split(",")] if args.gammas else [3] * n_models
-    except ValueError:
-        raise CliError(f"--gammas: expected comma-separated integers, got {args.gammas!r}") from None
-    if len(gs) != n_models or min(gs) < 1:
-        raise CliError(
-            f"--gammas: expected {n_models} integers >= 1 (one per draft model), got {args.gammas!r}"
-        )
-    gammas = iter(gs)
-    return "+".join(s if s in lookup else f"{s}@{next(gammas)}" for s in specs)
+def _owners(flag: str) -> list[str]:
+    """The method kinds that take ``flag`` (the registry's ``Entry.flags``)."""
+    return [k for k, e in ENTRIES.items() if flag in e.flags]
 
 
-def _exits(args: argparse.Namespace) -> str:
-    """--exits (L or L:PATH, comma-separated) and --nd/--ni as the spec argument."""
-    from ..models import shipped
-
-    n = 2 if args.method == "hispec" else 1
-    if args.nd < 1 or args.ni < 1:
-        raise CliError(f"--nd and --ni must be >= 1, got {args.nd} and {args.ni}")
-    raw = args.exits.split(",") if args.exits else [str(e) for e in shipped.DEFAULT_EXITS[:n]]
-    out = []
-    for part in raw:
-        layer, _, path = part.strip().partition(":")
-        try:
-            e = int(layer)
-        except ValueError:
-            raise CliError(f"--exits: expected layer numbers (L or L:PATH), got {part!r}") from None
-        if not path and e not in shipped.EXIT_HEADS:
-            raise CliError(
-                f"--exits: no shipped head at layer {e} (shipped: {sorted(shipped.EXIT_HEADS)}); "
-                "give L:PATH for a head of your own"
-            )
-        out.append((e, path))
-    if len(out) != n:
-        raise CliError(f"--exits: --method {args.method} takes {n} exit layer(s), got {args.exits!r}")
-    if n == 2 and not out[0][0] < out[1][0]:
-        raise CliError(f"--exits: the draft exit must come before the intermediate exit, got {args.exits!r}")
-    exits = "/".join(f"{e}={p}" if p else str(e) for e, p in out)
-    return f"{exits}/{args.nd}/{args.ni}" if n == 2 else exits
-
-
-def _ssd(args: argparse.Namespace) -> str:
-    from ..models import shipped
-
-    opts = [f"fanout={args.fanout}", f"c={args.saguaro_c:g}", f"fallback={args.fallback}"]
-    opts += [f"backup={args.fast_backup}", f"emulate={args.emulate_verify_ms:g}"]
-    opts += [f"timeout={args.ssd_reply_timeout:g}"]
-    if args.budget is not None:
-        opts.append(f"budget={args.budget}")
-    return "/".join([args.draft or shipped.DEFAULT_DRAFT, *opts])
-
-
-#: the flags that belong to one method kind each (checked: not given with another method)
-METHOD_FLAGS = {
-    "draft": ("draft", "ssd"),
-    "levels": ("hierarchy",),
-    "gammas": ("hierarchy",),
-    "exits": ("hispec", "early-exit"),
-    "eagle": ("eagle",),
-    "tree": ("eagle",),
-}
+#: generate's flags that belong to some method kinds only (checked: not given with another method)
+METHOD_FLAGS = tuple(dict.fromkeys(f for e in ENTRIES.values() for f in e.flags))
 
 
 def spec_from_flags(args: argparse.Namespace) -> str:
-    """The method spec that ``--method`` and its flags describe (see module docstring)."""
-    from ..models import shipped
-
+    """The method spec that ``--method`` and its flags describe (see module docstring): the
+    entry's ``from_flags`` checks the flags' shape, the spec's parser what they name."""
     kind, sep, _ = args.method.partition(":")
-    given = [f for f, kinds in METHOD_FLAGS.items() if getattr(args, f, None)]
-    if args.tree and kind != "eagle":
-        raise CliError(f"--tree drafts trees with an EAGLE head: use --method eagle, not {args.method}")
-    for flag in given:
-        if kind not in METHOD_FLAGS[flag] or sep:
-            where = "inside the spec" if sep else f"for --method {'/'.join(METHOD_FLAGS[flag])}"
+    entry = ENTRIES[kind]
+    if args.tree and "tree" not in entry.flags:
+        use = "/".join(_owners("tree"))
+        raise CliError(f"--tree drafts trees with an EAGLE head: use --method {use}, not {args.method}")
+    for flag in (f for f in METHOD_FLAGS if getattr(args, f, None)):
+        if flag not in entry.flags or sep:
+            where = "inside the spec" if sep else f"for --method {'/'.join(_owners(flag))}"
             raise CliError(f"--{flag} is not used with --method {args.method} (give it {where})")
-    if sep:
+    if sep or entry.from_flags is None:
         return args.method
-    if kind == "draft":
-        return f"draft:{args.draft or shipped.DEFAULT_DRAFT}"
-    if kind == "hierarchy":
-        levels = _levels(args)
-        return f"hierarchy:{levels}" if levels else "hierarchy"
-    if kind in ("hispec", "early-exit"):
-        return f"{kind}:{_exits(args)}"
-    if kind == "eagle":
-        head = f":{args.eagle}" if args.eagle else ""
-        if not args.tree:
-            return f"eagle{head}"
-        for name in ("depth", "topk", "budget"):
-            v = getattr(args, f"tree_{name}")
-            if v < 1:
-                raise CliError(f"--tree-{name}: tree {name}: expected an integer >= 1, got {v}")
-        return f"eagle-tree:{args.tree_depth}/{args.tree_topk}/{args.tree_budget}{head}"
-    if kind == "ssd":
-        return f"ssd:{_ssd(args)}"
-    return kind
+    try:
+        return entry.from_flags(args)
+    except MethodError as err:
+        raise CliError(str(err)) from None

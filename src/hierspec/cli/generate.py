@@ -41,8 +41,8 @@ def _device(text: str) -> str:
 
 def _check(args: Any) -> tuple[Any, Any, int, str]:
     """Everything that can be checked before a model is loaded: (params, spec, gamma, device)."""
-    from ..methods import MethodError, check_ssd_gammas, parse_method
-    from ..methods.spec import AUTO_K_MAX, parse_gamma
+    from ..methods import MethodError, check_gammas, entry_of, parse_method
+    from ..methods.spec import parse_gamma
 
     params = _params(args)
     try:
@@ -59,11 +59,10 @@ def _check(args: Any) -> tuple[Any, Any, int, str]:
         raise CliError("--compare-backend compares llama.cpp and torch on the CPU; drop --device")
     try:
         spec = parse_method(spec_from_flags(args))
-        if spec.kind == "ssd":
-            check_ssd_gammas(spec, [gamma or AUTO_K_MAX])
+        check_gammas(spec, [gamma])
     except MethodError as err:
         raise CliError(str(err)) from None
-    if spec.hf or spec.llama:
+    if entry_of(spec).peer:
         raise CliError(f"--method {spec.kind} is a peer for `hierspec bench`, not a hierspec method")
     return params, spec, gamma, _device(args.device)
 
@@ -76,7 +75,7 @@ def encode(tok: Any, text: str, chat: bool) -> list[int]:
 
 
 def run_generate(args: Any) -> int:
-    from ..methods import MethodError, ModelSet, build_method, needs
+    from ..methods import REFERENCE, MethodError, ModelSet, build_method, entry_of, needs
     from ..models.open import open_target
 
     params, spec, gamma, device = _check(args)
@@ -100,7 +99,7 @@ def run_generate(args: Any) -> int:
 
     models = ModelSet(target, tok, dtype=getattr(torch, args.dtype), backend=opened.backend, name=opened.name)
     try:
-        built = build_method(spec, models, rule=args.rule, gamma=gamma)
+        built = build_method(spec, models, rule=args.rule, gamma=gamma, draft_sampling=args.draft_sampling)
     except MethodError as err:
         raise CliError(str(err)) from None
     if built.note:
@@ -115,15 +114,15 @@ def run_generate(args: Any) -> int:
         seed=args.seed,
     )
     stream = None if args.json else text_streamer(tok)
-    if spec.kind == "ssd":
-        res = _run_ssd(built, ids, kw, gamma, stream)
+    if entry_of(spec).remote:
+        res = _run_ssd(built, ids, kw, stream)
     else:
         built.generate(ids[:_WARMUP_PROMPT], **{**kw, "max_new_tokens": 4})  # allocation, not timed
         res = built.generate(ids, on_tokens=stream, **kw)
     stage = built.system.stage_stats(res) if built.system is not None else None
     plain = {}
     if args.compare:
-        plain[opened.backend] = build_method("ar", models, rule=args.rule).generate(ids, **kw)
+        plain[opened.backend] = build_method(REFERENCE, models, rule=args.rule).generate(ids, **kw)
     if args.compare_backend:
         other = "torch" if opened.backend == "llama.cpp" else "llama.cpp"
         try:
@@ -131,7 +130,7 @@ def run_generate(args: Any) -> int:
         except ValueError as err:
             print(f"hierspec: warning: --compare-backend: {err}", file=sys.stderr)
         else:
-            ar = build_method("ar", ModelSet(o.model, o.tokenizer, backend=other), rule=args.rule)
+            ar = build_method(REFERENCE, ModelSet(o.model, o.tokenizer, backend=other), rule=args.rule)
             ar.generate(ids[:_WARMUP_PROMPT], **{**kw, "max_new_tokens": 4})
             plain[other] = ar.generate(ids, **kw)
     info = {
@@ -165,13 +164,14 @@ def run_generate(args: Any) -> int:
     return 0
 
 
-def _run_ssd(built: Any, ids: list[int], kw: dict, gamma: int, stream: Any) -> Any:
-    from ..methods.spec import AUTO_K_MAX
+def _run_ssd(built: Any, ids: list[int], kw: dict, stream: Any) -> Any:
+    """An SSD method: its speculator process for this one generation, ``built.gamma`` tokens per
+    round (``auto``: the entry's fixed length)."""
     from ..ssd import SSDSession
 
     opts = built.options
     with SSDSession(built.target, opts["draft"], reply_timeout_s=opts["timeout"]) as session:
-        return session.generate(ids, gamma=gamma or AUTO_K_MAX, on_tokens=stream, **kw, **opts["generate"])
+        return session.generate(ids, gamma=built.gamma, on_tokens=stream, **kw, **opts["generate"])
 
 
 def _print_stats(res: Any, info: dict, stage: dict | None, adaptive: dict | None) -> None:

@@ -61,7 +61,7 @@ def add_serve_arguments(p: Any) -> None:
 
 def _check(args: Any) -> tuple[Any, int]:
     """Everything checked before a model is loaded: (method spec, gamma)."""
-    from ..methods import MethodError, parse_method
+    from ..methods import MethodError, entry_of, parse_method
     from ..methods.spec import parse_gamma
 
     try:
@@ -81,10 +81,13 @@ def _check(args: Any) -> tuple[Any, int]:
         spec = parse_method(args.method)
     except MethodError as err:
         raise CliError(f"--method: {err}") from None
-    if spec.hf or spec.llama:
+    entry = entry_of(spec)
+    if entry.peer:
         raise CliError(f"--method {spec.kind} is a peer for `hierspec bench`, not a served method")
-    if spec.kind == "ssd":
-        raise CliError("--method ssd is not served (its drafter runs in a second process); use generate")
+    if entry.remote:
+        raise CliError(
+            f"--method {spec.kind} is not served (its drafter runs in a second process); use generate"
+        )
     return spec, gamma
 
 

@@ -4,5 +4,6 @@ from .base import Draft, Drafter
 from .model import ModelDrafter
 from .ngram import NgramDrafter
 from .suffix import SuffixDrafter
+from .text import TextDrafter
 
-__all__ = ["Draft", "Drafter", "ModelDrafter", "NgramDrafter", "SuffixDrafter"]
+__all__ = ["Draft", "Drafter", "ModelDrafter", "NgramDrafter", "SuffixDrafter", "TextDrafter"]

@@ -13,8 +13,9 @@ deterministic draft (q one-hot at the drafted token).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -101,6 +102,37 @@ class Drafter(Protocol):
     def reset(self) -> None:
         """Forget all state (start of a new generation)."""
         ...
+
+
+#: a stop rule: called with the confidences c_1..c_t after each drafted token; True ends the draft
+StopFn = Callable[[Sequence[float]], bool]
+
+
+@runtime_checkable
+class StoppableDrafter(Drafter, Protocol):
+    """A drafter whose `propose` also takes ``stop`` (a `StopFn`): called after each drafted
+    token X_t with c_1..c_t, before the work that would draft X_{t+1}; True ends the draft at X_t.
+    The draft is then a stopping time, which keeps every rule exact (`hierspec.policy`).
+
+    Declared, not inferred: such a drafter sets the class attribute ``stoppable = True``
+    (`is_stoppable`); a wrapper passing ``stop`` on is stoppable only if what it wraps is."""
+
+    stoppable: bool
+
+    def propose(
+        self,
+        context: torch.Tensor,
+        num_tokens: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        *,
+        stop: StopFn | None = None,
+    ) -> Draft: ...
+
+
+def is_stoppable(drafter: Any) -> bool:
+    """Whether ``drafter`` declares itself a `StoppableDrafter` (``stoppable = True``)."""
+    return isinstance(drafter, StoppableDrafter) and drafter.stoppable is True
 
 
 @runtime_checkable

@@ -7,12 +7,33 @@ context (at least its last token, whose logits give q_1), then for t = 1..K samp
 feeds X_t to get q_{t+1} (X_K is never fed). At temperature 0 the draft is greedy and
 deterministic, so it returns probs=None (q one-hot), which every rule handles exactly.
 
+Draft sampling at temperature > 0 (``sampling``, `DRAFT_SAMPLINGS`):
+
+    "sample"  X_t = F_{q_t}^{-1}(u_t), u_t from the draft stream; returns the rows q_t (what the
+              seeds' rules assume: token-wise, block and HSD verification read q).
+    "greedy"  X_t = argmax_x q_t(x) (the first on ties), the engines' practice (llama.cpp, SGLang
+              draft greedily and verify by exact match); returns probs=None: the draft is a
+              deterministic function of the context, q one-hot at X_t. Temperature, top-k, top-p
+              and min-p never move the maximum, so X_t is the raw logits' argmax up to ties that
+              rounding of the processed row creates; the row is still processed, for c_t.
+
+Both are exact under every rule: a sampled draft is verified with its rows, a greedy one by the
+coupled sampler of deterministic drafts (`hierspec.verify.coupled`, `Rule(deterministic=...)`),
+whose law for one draft is, for token / block / hsd / match alike,
+P(accept X_t | X_<t accepted) = p_t(X_t). Reporting the full row q_t for a greedy X_t would be
+wrong (X_t was not drawn from it): tests/test_draft_sampling.py keeps that as a negative control.
+Other model-based drafters: an EAGLE chain (`hierspec.drafters.eagle`) drafts as "sample" and an
+EAGLE tree is deterministic already; a hierarchy level (`hierspec.hierarchy`) emits tokens
+distributed exactly as its own model, so it has no greedy variant short of greedy-decoding that
+model (not offered).
+
 Confidence (`Draft.confidence`): c_t = q_t(X_t), the probability the draft gave its own token (at
-temperature 0: the softmax maximum of the raw draft logits). Early stop: ``stop(confidences)``,
-if given, is called after each drafted token X_t (t < K) with c_1..c_t, BEFORE the forward that
-would give q_{t+1}; True ends the draft at X_t (no wasted forward). The decision to draft X_{t+1}
-then depends only on X_1..X_t and the draft's rows: a stopping time of the draft, which keeps
-every verification rule exact (`hierspec.policy`); X_t itself is always returned.
+temperature 0: the softmax maximum of the raw draft logits; greedy at T > 0: the maximum of q_t).
+Early stop: ``stop(confidences)``, if given, is called after each drafted token X_t (t < K)
+with c_1..c_t, BEFORE the forward that would give q_{t+1}; True ends the draft at X_t (no wasted
+forward). The decision to draft X_{t+1} then depends only on X_1..X_t and the draft's rows: a
+stopping time of the draft, which keeps every verification rule exact (`hierspec.policy`); X_t
+itself is always returned.
 
 Device: tokens, rows, confidences and uniforms (`hierspec.sampling.uniforms`, from the draft
 stream) stay on the draft model's device; each drafted token is fed back as a [1, 1] device tensor,
@@ -35,12 +56,26 @@ from .base import Draft, draft_room, sync_cache
 
 StopFn = Callable[[Sequence[float]], bool]
 
+#: how a model drafter picks its tokens at temperature > 0 (see the module docstring)
+DRAFT_SAMPLINGS = ("sample", "greedy")
+
+
+def check_draft_sampling(sampling: object, arg: str = "sampling") -> str:
+    """``sampling`` if it is one of `DRAFT_SAMPLINGS`; else one ValueError naming ``arg``."""
+    if not isinstance(sampling, str) or sampling not in DRAFT_SAMPLINGS:
+        raise ValueError(f"{arg}: expected one of {', '.join(map(repr, DRAFT_SAMPLINGS))}, got {sampling!r}")
+    return sampling
+
 
 class ModelDrafter:
-    """Speculative proposals from a draft `LanguageModel` (batch size 1)."""
+    """Speculative proposals from a draft `LanguageModel` (batch size 1); ``sampling`` "sample"
+    (draw from q) or "greedy" (its argmax, probs=None) at temperature > 0."""
 
-    def __init__(self, model: LanguageModel) -> None:
+    stoppable = True  # `propose` takes ``stop`` (`hierspec.drafters.base.StoppableDrafter`)
+
+    def __init__(self, model: LanguageModel, sampling: str = "sample") -> None:
         self.model = model
+        self.sampling = check_draft_sampling(sampling)
         self.vocab_size = model.vocab_size
         self.reset()
 
@@ -82,7 +117,8 @@ class ModelDrafter:
         if num_tokens <= 0:
             return Draft.empty(1, dev)
         logits = self._sync(context[0].cpu())  # [V]
-        u = None if params.greedy else uniforms(num_tokens, generator, dev)  # [K]
+        greedy_t = not params.greedy and self.sampling == "greedy"  # argmax of q at T > 0
+        u = None if params.greedy or greedy_t else uniforms(num_tokens, generator, dev)  # [K]
         tokens: list[torch.Tensor] = []  # X_t, 0-dim on dev
         rows: list[torch.Tensor] = []  # q_t [V]
         conf: list[torch.Tensor] = []  # c_t, 0-dim on dev
@@ -91,6 +127,10 @@ class ModelDrafter:
             if params.greedy:
                 x = logits.argmax()
                 c = torch.softmax(logits.double(), -1).gather(0, x.view(1))[0]
+            elif greedy_t:  # q one-hot at X_t: no row handed on
+                q = process_logits(logits[None], params)[0]
+                x = q.argmax()  # the first maximum
+                c = q.gather(0, x.view(1))[0]
             else:
                 q = process_logits(logits[None], params)[0]
                 x = categorical(q[None], u[t : t + 1])[0]

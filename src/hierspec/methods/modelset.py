@@ -18,6 +18,8 @@ import torch
 from ..models.base import LanguageModel
 from .spec import MethodError
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
 __all__ = ["ModelSet", "backend_of", "hf_module", "resolve_draft"]
 
 
@@ -82,16 +84,17 @@ class ModelSet:
     def hf(self) -> torch.nn.Module | None:
         return hf_module(self.target)
 
-    def draft(self, ref: str) -> LanguageModel:
-        """The draft model named ``ref`` (loaded once); MethodError on a load failure or a draft
-        from another tokenizer."""
+    def draft(self, ref: str, strict: bool = True) -> LanguageModel:
+        """The draft model named ``ref`` (loaded once); MethodError on a load failure or, if
+        ``strict`` (token-level drafts), a draft from another tokenizer."""
         if ref not in self.drafts:
             from ..models import DraftFileError
             from ..models.loading import load_draft_model
 
             try:
                 path = resolve_draft(ref)
-                self._check_family(ref, path)
+                if strict:
+                    self._check_family(ref, path)
                 if self.backend == "llama.cpp" and path.endswith(".gguf"):
                     from ..models.llamacpp import LlamaCppModel
 
@@ -106,12 +109,31 @@ class ModelSet:
                 ) from None
             _to_device(self.drafts[ref], self.target.device)
         model = self.drafts[ref]
-        if model.vocab_size != self.target.vocab_size:
+        if strict and model.vocab_size != self.target.vocab_size:
             raise MethodError(
                 f"draft {ref!r}: its vocabulary has {model.vocab_size} tokens but the target's has "
                 f"{self.target.vocab_size}; a draft must share the target's tokenizer"
             )
         return model
+
+    def draft_tokenizer(self, ref: str) -> Any:
+        """The tokenizer of a GGUF or transformers-directory draft (None: hierspec's own draft
+        files, which share the target's tokenizer)."""
+        try:
+            path = resolve_draft(ref)
+        except FileNotFoundError:
+            raise MethodError(f"draft {ref!r} does not exist") from None
+        folder = Path(path).is_dir()
+        if not (str(path).endswith(".gguf") or folder):
+            return None
+        if folder and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+            return None  # a model folder without a tokenizer: the strict (same-vocabulary) path
+        from ..drafters.text import load_tokenizer
+
+        try:
+            return load_tokenizer(path)
+        except (OSError, ValueError) as err:
+            raise MethodError(f"draft {ref!r}: its tokenizer cannot be loaded: {err}") from None
 
     def _check_family(self, ref: str, path: str) -> None:
         """A GGUF draft for a GGUF target must have the target's vocabulary (GGUF metadata only,

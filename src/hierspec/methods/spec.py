@@ -26,7 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AUTO_K_MAX", "SSD_OPTIONS", "MethodError", "MethodSpec", "check_model_ref", "ints", "parse_gamma"]
+__all__ = [
+    "AUTO_K_MAX",
+    "SSD_OPTIONS",
+    "MethodError",
+    "MethodSpec",
+    "check_model_ref",
+    "ints",
+    "model_arg",
+    "no_arg",
+    "parse_gamma",
+]
 
 
 class MethodError(ValueError):
@@ -51,20 +61,18 @@ class MethodSpec:
     exit_heads: tuple[str | None, ...] = ()  # per exit: head file (None = the shipped head)
 
     @property
-    def drafts(self) -> bool:
-        return self.kind not in ("ar", "llama-ar")
-
-    @property
     def paths(self) -> list[str]:
         """Draft models this method needs loaded (names or paths)."""
         return [p for p, _ in self.levels if p not in LOOKUP_LEVELS] + ([self.path] if self.path else [])
 
     @property
     def hf(self) -> bool:
+        """An HF transformers peer (the registry entry's ``runner`` is "hf": ask it first)."""
         return self.kind.startswith("hf-")
 
     @property
     def llama(self) -> bool:
+        """A llama.cpp peer (the registry entry's ``runner`` is "llama": ask it first)."""
         return self.kind.startswith("llama-")
 
     @property
@@ -113,6 +121,24 @@ def ints(text: str, arg: str, n_allowed: tuple[int, ...], sep: str = "/") -> lis
     if len(vals) not in n_allowed or any(v < 1 for v in vals):
         raise MethodError(f"method {text!r}: expected {' or '.join(map(str, n_allowed))} integers >= 1")
     return vals
+
+
+def no_arg(text: str, arg: str | None) -> MethodSpec:
+    """``KIND`` alone (``ar``, ``ngram``, ...): MethodError if an argument is given."""
+    kind = text.partition(":")[0]
+    if arg is not None:
+        raise MethodError(f"method {text!r}: {kind} takes no argument")
+    return MethodSpec(text, kind)
+
+
+def model_arg(text: str, arg: str | None) -> MethodSpec:
+    """``KIND:MODEL`` (``draft:small``, ``hf-draft:PATH``): the model reference, checked."""
+    kind = text.partition(":")[0]
+    if arg is None:
+        raise MethodError(f"method {text!r} needs a draft model path or shipped name: {kind}:PATH")
+    if not arg:
+        raise MethodError(f"method {text!r}: give the draft model, e.g. {kind}:NAME or {kind}:PATH")
+    return MethodSpec(text, kind, check_model_ref(text, arg))
 
 
 def check_model_ref(text: str, ref: str, exists: Callable[[str], bool] = os.path.exists) -> str:

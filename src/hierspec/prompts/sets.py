@@ -54,16 +54,10 @@ from .data import (
 from .long import long_prompts
 from .prompt import Prompt, _select
 
-__all__ = [
-    "HUMANEVAL_INSTALL",
+__all__ = [  # this module's own names (the package re-exports the others from their homes)
     "PROMPT_SETS",
-    "SHAKESPEARE_INSTALL",
-    "SHAREGPT_INSTALL",
-    "Prompt",
-    "cache_dir",
     "humaneval_prompts",
     "load_prompt_set",
-    "long_prompts",
     "shakespeare_prompts",
     "sharegpt_prompts",
     "specbench_prompts",

@@ -39,7 +39,7 @@ import torch
 
 from ..curve import OnlineCostCurve
 from ..drafters.base import Draft
-from ..methods import lookup_drafter, parse_method
+from ..methods import ENTRIES, entry_of, lookup_drafter, parse_method
 from ..models.llamacpp_batch import SequenceBatch
 from ..models.sequences import Part, Sequences
 from ..output import Output
@@ -51,7 +51,7 @@ from ..verify import get_rule
 from .scheduler import allocate, gains_from
 from .worker import DoneEvent, GenRequest, QueueFull, Sink, TokenEvent
 
-BATCH_METHODS = ("ar", "ngram", "suffix")
+BATCH_METHODS = tuple(kind for kind, e in ENTRIES.items() if e.batched)
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
@@ -143,8 +143,7 @@ class BatchWorker:
     @staticmethod
     def check_method(text: str) -> None:
         """ValueError (naming ``method``) unless this worker can batch the method."""
-        kind = parse_method(text).kind
-        if kind not in BATCH_METHODS:
+        if not entry_of(parse_method(text)).batched:
             raise ValueError(
                 f"method: {text!r} is not batched (the batching worker runs {', '.join(BATCH_METHODS)}); "
                 f"start the server with --method {text} to serve it one request at a time"
@@ -232,7 +231,7 @@ class BatchWorker:
         spec = parse_method(req.method or self.method)
         params = req.params
         rule = get_rule("greedy" if params.greedy else (req.rule or self.rule))
-        drafter = None if spec.kind == "ar" else lookup_drafter(spec.kind)
+        drafter = None if entry_of(spec).plain else lookup_drafter(spec.kind)
         if drafter is not None:
             drafter.reset()
         stats = SpecStats(prompt_tokens=len(req.prompt_ids))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..methods import MethodError, parse_method
+from ..methods import MethodError, entry_of, parse_method
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "GenerationRequest", "StreamOptions"]
 
@@ -113,10 +113,13 @@ class GenerationRequest(_Strict):
             spec = parse_method(v)
         except MethodError as err:
             raise ValueError(str(err)) from None
-        if spec.hf or spec.llama:
+        entry = entry_of(spec)
+        if entry.peer:
             raise ValueError(f"{spec.kind!r} is a peer for `hierspec bench`, not a served method")
-        if spec.kind == "ssd":
-            raise ValueError("ssd (a drafter in a second process) is not served; use it with `generate`")
+        if entry.remote:
+            raise ValueError(
+                f"{spec.kind} (a drafter in a second process) is not served; use it with `generate`"
+            )
         return spec.name
 
     @field_validator("gamma")

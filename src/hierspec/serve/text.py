@@ -10,6 +10,15 @@ and a stream sends pieces of exactly that text: each `TextStream.push` returns w
 change -- an incomplete UTF-8 character at the end (decoded as U+FFFD) and the last
 ``len(longest stop) - 1`` characters (a stop string may be starting there) are held back -- and
 `TextStream.finish` returns the rest of ``final``.
+
+A push decodes a window, not every token so far (that would be O(n^2) over a long answer):
+
+    prefix = decode(ids[a:b]);  full = decode(ids[a:])        a, b: the last two push boundaries
+    if full is longer than prefix and does not end in U+FFFD:  text += full[len(prefix):]; a, b = b, n
+
+(the window starts a push early, so a token's leading space or a character split across tokens
+decodes as in the whole text). ``finish`` decodes everything once and sends only what lies beyond
+the characters already sent.
 """
 
 from __future__ import annotations
@@ -43,13 +52,26 @@ class TextStream:
         self.token_ids: list[int] = []
         self.sent = 0  # characters of the final text already returned
         self.stopped = False  # finish() cut the text at a stop string
+        self.text = ""  # the decoded text of token_ids[:self._read]
+        self._prefix = self._read = 0  # the window: token_ids[_prefix:_read] decodes to text's tail
 
     def push(self, token_ids: Sequence[int]) -> str:
         """Add committed tokens; returns the newly final text ("" when nothing is safe yet)."""
         self.token_ids.extend(token_ids)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cut = cut_at_stop(text, self.stop)
-        if cut is None:
+        ids, a, b = self.token_ids, self._prefix, self._read
+        prefix = self.tokenizer.decode(ids[a:b], skip_special_tokens=True) if b > a else ""
+        full = self.tokenizer.decode(ids[a:], skip_special_tokens=True)
+        pending = ""
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            self._prefix, self._read = b, len(ids)
+        else:  # an incomplete character: nothing of it is final yet
+            pending = full[len(prefix) :]
+        text = self.text + pending
+        cut = cut_at_stop(text[max(self.sent - self.hold, 0) :], self.stop)
+        if cut is not None:
+            cut += max(self.sent - self.hold, 0)
+        else:
             cut = max(len(text.rstrip("\ufffd")) - self.hold, 0)
         return self._advance(text[:cut])
 

@@ -5,19 +5,17 @@ by `hierspec.cli`)::
         [--fanout uniform|geometric] [--budget B] [--saguaro-c C] [--fallback jit|fast]
         [--fast-backup ngram|random] [--emulate-verify-ms MS] [--ssd-reply-timeout S]
 
-`add_ssd_arguments(parser)` adds the flags; `check_ssd_args(args)` validates them before any
-model is loaded (ValueError naming the flag); `ssd_summary_lines(stats)` formats the SSD
-statistics for stderr.
+`add_ssd_arguments(parser)` adds the flags (`hierspec.cli.flags` turns them into the method spec,
+which `hierspec.methods.ssd` validates once, before any model is loaded); `ssd_summary_lines(stats)`
+formats the SSD statistics for stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 
 from .options import FALLBACKS, FAST_BACKUPS
-from .saguaro import FANOUTS, check_budget, check_saguaro_c
+from .saguaro import FANOUTS
 from .stats import SSDStats
 
 
@@ -55,28 +53,6 @@ def add_ssd_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="seconds to wait for the speculator before the verifier finishes alone",
     )
-
-
-def check_ssd_args(args: argparse.Namespace) -> None:
-    """Validate the SSD flags before loading anything; ValueError names the flag."""
-    if not getattr(args, "draft", None):
-        raise ValueError("--draft: --method ssd needs a draft model path (the speculator's model)")
-    if not os.path.exists(args.draft):
-        raise ValueError(f"--draft: {args.draft!r} does not exist")
-    try:
-        if args.budget is not None:
-            check_budget(args.budget, args.gamma)
-    except ValueError as err:
-        raise ValueError(f"--budget: {err}") from None
-    try:
-        check_saguaro_c(args.saguaro_c)
-    except ValueError as err:
-        raise ValueError(f"--saguaro-c: {err}") from None
-    em = args.emulate_verify_ms
-    if not math.isfinite(em) or em < 0:
-        raise ValueError(f"--emulate-verify-ms: expected a number >= 0, got {em}")
-    if not math.isfinite(args.ssd_reply_timeout) or args.ssd_reply_timeout <= 0:
-        raise ValueError(f"--ssd-reply-timeout: expected seconds > 0, got {args.ssd_reply_timeout}")
 
 
 def ssd_summary_lines(stats: SSDStats) -> list[str]:
