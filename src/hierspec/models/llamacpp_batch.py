@@ -15,35 +15,18 @@ Invariant: ``length(seq)`` equals the positions seq holds; after ``truncate(seq,
 equals a fresh prefill of its first n tokens up to float rounding. Whether a sequence's rows
 round exactly as in a one-sequence forward is measured, not assumed (README, "Serving").
 The parent model's own ``forward`` / ``crop`` address seq 0: do not mix both on one context.
-
-The forward holds the GIL (`decode_holding_gil`). llama.cpp's CPU threads meet at a barrier after
-every op, so a Python thread that runs during the forward (a server's event loop framing the last
-step's tokens) stalls all of them whenever the cores are few: on 2 cores a busy thread made one
-4-sequence forward 3-20x slower (26.5 ms held against 92-535 ms released, measured). Held, the
-other threads run between forwards, as in llama-server's single loop.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from .sequences import Part
-
-
-def decode_holding_gil(lcp: Any) -> Callable[[Any, Any], int]:
-    """``llama_decode`` from llama-cpp-python's library, called with the GIL held
-    (``ctypes.PYFUNCTYPE``; llama-cpp-python's own binding releases it). llama.cpp calls back into
-    Python only for logging, which re-enters on the same thread."""
-    try:
-        proto = ctypes.PYFUNCTYPE(ctypes.c_int32, lcp.llama_context_p_ctypes, lcp.llama_batch)
-        return proto(("llama_decode", lcp._lib))
-    except (AttributeError, TypeError):  # another binding layout: its own call
-        return lcp.llama_decode
 
 
 class SequenceBatch:
@@ -58,7 +41,6 @@ class SequenceBatch:
             raise ValueError(f"max_rows: expected 1..{model.n_batch} (the context's n_batch), got {max_rows}")
         lcp = model._lcp
         self._lcp, self._ctx, self._mem = lcp, model._ctx, model._mem
-        self._llama_decode = decode_holding_gil(lcp)
         batch = lcp.llama_batch_init(self.max_rows, 0, 1)
         self._batch = batch
         self._tok = np.ctypeslib.as_array(batch.token, shape=(self.max_rows,))
@@ -126,7 +108,7 @@ class SequenceBatch:
             r += n
         self._batch.n_tokens = n_rows
         before = {p.seq: self._length[p.seq] for p in parts}
-        rc = self._llama_decode(self._ctx, self._batch)
+        rc = self._lcp.llama_decode(self._ctx, self._batch)
         if rc != 0:
             for seq, n in before.items():
                 self._lcp.llama_memory_seq_rm(self._mem, seq, n, -1)
