@@ -165,6 +165,85 @@ def test_cancel_frees_the_sequence(tiny):
     assert w.status()["running"] == 0 and sorted(w._free) == [0, 1]
 
 
+def _one(w: BatchWorker, rid: str, prompt: list[int], params=T1, n: int = 12, seed: int = 3) -> DoneEvent:
+    sink = Collector(1)
+    w.submit(GenRequest(rid, list(prompt), params, n, seed=seed), sink)
+    return sink.wait()[rid]
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_prefix_reuse_is_the_same_decoding(tiny, monkeypatch, corrupt):
+    """A follow-up prompt (the last prompt + its answer + more) reuses the cells of the sequence
+    that served it (``cached_prompt_tokens``) and gets the text of a fresh decoding, greedy and
+    seeded; an unrelated prompt reuses nothing. Negative control: a prefix match that compares
+    lengths, not tokens, reuses cells of other tokens, and the texts differ."""
+    from hierspec.engine import generate
+
+    if corrupt:
+        monkeypatch.setattr("hierspec.serve.batch.common_prefix", lambda a, b: min(len(a), len(b)))
+    greedy = SamplingParams(temperature=0)
+    w = worker_on(tiny, num_seqs=2)
+    got, refs = {}, {}
+    try:
+        first = _one(w, "a", PROMPT, greedy)
+        follow = [*PROMPT, *first.token_ids, 3, 4]
+        for name, prompt, params in (
+            ("greedy", follow, greedy), ("seeded", follow, T1), ("other", [2, 3, 2, 3, 2, 3, 2, 3], greedy)
+        ):  # fmt: skip
+            got[name] = _one(w, name, prompt, params)
+            refs[name] = generate(tiny, prompt, params=params, max_new_tokens=12, seed=3).token_ids
+    finally:
+        w.shutdown()
+    texts = {name: e.token_ids for name, e in got.items()}
+    if corrupt:
+        assert texts != refs
+        return
+    assert texts == refs
+    assert got["greedy"].stats.cached_prompt_tokens == len(PROMPT) + len(first.token_ids) - 1
+    assert got["seeded"].stats.cached_prompt_tokens == len(follow) - 1  # the greedy follow-up's cells
+    assert got["other"].stats.cached_prompt_tokens == 0
+
+
+def test_prefix_reuse_from_host_copies(tiny):
+    """With more prompts than seq_ids, overwritten cells go to the host store first and come back
+    for a follow-up: the follow-up reuses them and gets the text of a fresh decoding."""
+    from hierspec.engine import generate
+
+    greedy = SamplingParams(temperature=0)
+    w = worker_on(tiny, num_seqs=1)
+    try:
+        longer = [*PROMPT, 2, 3, 4, 6, 2, 3, 4, 6, 2, 3, 4, 6, 2, 3, 4, 6]  # >= MIN_CACHED positions
+        first = _one(w, "a", longer, greedy, n=10)
+        _one(w, "b", [9, 8, 7, 6, 9, 8], greedy)  # takes the only seq_id: a's cells go to the host
+        assert w.status()["prefix_cache"]["host_copies"] == 1
+        follow = [*longer, *first.token_ids, 5]
+        got = _one(w, "c", follow, T1)
+    finally:
+        w.shutdown()
+    assert got.stats.cached_prompt_tokens == len(longer) + len(first.token_ids) - 1
+    assert got.token_ids == generate(tiny, follow, params=T1, max_new_tokens=12, seed=3).token_ids
+
+
+def test_prefix_store_keeps_the_longest_within_budget():
+    from hierspec.serve.prefix import PrefixStore
+
+    store = PrefixStore(budget=10)
+    store.put([1, 2, 3], "a", 4)
+    store.put([1, 2, 3, 4, 5], "b", 4)  # a is its prefix: dropped
+    assert len(store) == 1 and store.used == 4
+    store.put([1, 2], "c", 4)  # served by b already
+    assert len(store) == 1
+    assert store.best([1, 2, 3, 9]) == ((1, 2, 3, 4, 5), "b", 3)
+    store.put([7, 8], "d", 4)
+    store.put([6], "e", 4)  # over budget: the least recently used (b) goes
+    assert store.best([1, 2])[2] == 0 and store.used == 8
+    assert store.best([5]) == ((), None, 0)
+    store.put([4], "f", 11)  # larger than the budget: not kept
+    assert len(store) == 2
+    with pytest.raises(ValueError, match="budget"):
+        PrefixStore(-1)
+
+
 def test_queue_full_refuses_at_once(tiny):
     seqs = ModelSequences(lambda: copy.deepcopy(tiny), num_seqs=1)
     w = BatchWorker(seqs, None, cost_prior=lambda r: 1.0, max_queue=2)  # not started: nothing drains
@@ -223,3 +302,34 @@ def test_llamacpp_batch_greedy_identity_and_seeds():
     same = [done[str(i)].token_ids == refs[i] for i in range(4)]
     assert all(same), same
     assert done["s"].token_ids == seeded
+
+
+@pytest.mark.smollm
+def test_llamacpp_save_restore_moves_cells_between_sequences():
+    """A sequence's cells saved to the host and restored into another seq_id (cut to a prefix)
+    give that seq_id the logits of the original; a restore cut one position short does not."""
+    from hierspec.models.llamacpp import LlamaCppModel
+    from hierspec.models.llamacpp_batch import SequenceBatch
+    from hierspec.models.open import open_target
+    from hierspec.models.sequences import Part
+
+    op = open_target("smollm2-135m", backend="llama.cpp", n_ctx=256)
+    op.model.close()
+    model = LlamaCppModel(op.path, n_seq_max=3, n_ctx=256)
+    try:
+        b = SequenceBatch(model)
+        ids = list(range(100, 140))
+        b.decode([Part(0, ids, False)])
+        state, size = b.save(0)
+        assert size > 0 and b.length(0) == 40
+        b.restore(1, state, 30)
+        b.restore(2, state, 29)  # the wrong cut: position 29 is missing
+        b.truncate(0, 30)
+        assert [b.length(s) for s in range(3)] == [30, 30, 29]
+        rows = b.decode([Part(0, ids[30:32]), Part(1, ids[30:32]), Part(2, ids[30:32])])
+        torch.testing.assert_close(rows[0], rows[1], atol=1e-3, rtol=1e-3)
+        assert (rows[0] - rows[2]).abs().max() > 0.1
+        with pytest.raises(ValueError, match="restore"):
+            b.restore(1, state, 41)
+    finally:
+        model.close()

@@ -401,6 +401,8 @@ def test_rejected_as_transformers_rejects(target, kw):
         ({"gamma": 0}, "gamma: expected"),
         ({"gamma": "fast"}, "gamma: expected"),
         ({"rule": "nope"}, "rule: expected one of"),
+        ({"draft_sampling": "top"}, "draft_sampling: expected"),
+        ({"draft_sampling": "greedy"}, "applies to methods with a draft"),
         ({"method": "draft", "assistant": "vocab"}, "vocabulary"),
     ],
 )
@@ -420,11 +422,26 @@ def test_bad_input_names_the_argument(target, other, kw, match):
         assert isinstance(err.value, MethodError)
 
 
+def test_draft_sampling_reaches_the_drafter(target, other):
+    """``draft_sampling="greedy"`` builds the assistant's drafter greedy; the output stays the
+    target's greedy text (T = 0) and the two choices are cached apart."""
+    from hierspec.hf import _SESSION_ATTR
+
+    want = plain(target)
+    for sampling in ("greedy", "sample"):
+        got = bridged(target, method="draft", assistant_model=other, gamma=3, draft_sampling=sampling)
+        assert torch.equal(got, want)
+    built = {key[3]: b for key, (_, b) in target.__dict__[_SESSION_ATTR][1].items() if key[0].kind == "draft"}
+    assert {k: b.drafter.sampling for k, b in built.items() if k in ("greedy", "sample")} == {
+        "greedy": "greedy", "sample": "sample"
+    }  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- the bench module
 def test_bench_twin_equals_the_draft():
     """transformers_twin: the same logits as the DraftLM (-inf outside its vocab_map)."""
-    from hierspec.bench.hf_bridge import transformers_twin
     from hierspec.models.draft import DraftConfig, DraftLM
+    from hierspec.models.draft.twin import transformers_twin
 
     cfg = DraftConfig(vocab_size=64, n_vocab=20, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_length=64)
     draft = DraftLM(cfg, torch.randperm(64, generator=torch.Generator().manual_seed(0))[:20], seed=1)

@@ -83,3 +83,35 @@ def test_online_curve_heals_a_poisoned_prior():
     assert curve(1) == pytest.approx(steep(1), rel=0.1)
     g = gains_from([0.9] * 8)
     assert allocate([g], 1, curve)[0] >= 1  # speculation comes back
+
+
+def test_ubatch_rows_replays_llama_cpps_equal_split():
+    from hierspec.serve.scheduler import ubatch_rows
+
+    assert ubatch_rows([1, 1, 1, 1]) == [4]
+    assert ubatch_rows([3, 3, 3]) == [9]
+    assert ubatch_rows([1, 0, 1]) == [1, 1]  # a gap in the seq_ids: two forwards
+    assert ubatch_rows([1, 3, 5, 2]) == [4, 3, 2, 2]
+    assert ubatch_rows([0, 0]) == []
+
+
+def test_split_cost_prefers_equal_lengths_or_none():
+    """Under the split, ragged drafts pay whole forwards: the allocation drafts the same length
+    everywhere (one forward) or not at all, and it never loses to the split-blind choice."""
+    from hierspec.serve.scheduler import Layout, ubatch_rows
+
+    g = [gains_from([0.9] * 4), gains_from([0.9] * 4), gains_from([0.9] * 2), gains_from([0.9] * 4)]
+    layout = Layout([0, 1, 2, 3])
+    ks = allocate(g, 4, flat, layout=layout)
+    assert len(ubatch_rows(layout.rows(ks))) == 1 and max(ks) >= 1
+
+    def split_rate(ks):
+        tokens = 4 + sum(sum(gi[:k]) for gi, k in zip(g, ks, strict=True))
+        return tokens / sum(flat(r) for r in ubatch_rows(layout.rows(ks)))
+
+    blind = allocate(g, 4, flat)
+    assert split_rate(ks) >= split_rate(blind)
+    weak = [gains_from([0.3] * 4)] * 4
+    assert allocate(weak, 4, steep, layout=layout) == [0, 0, 0, 0]
+    others = Layout([0, 2], {1: 1})  # seq 1 decodes one row (fixed), 0 and 2 are allocated
+    assert others.rows([2, 2]) == [3, 1, 3]

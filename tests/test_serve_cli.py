@@ -36,9 +36,11 @@ HIERSPEC = [sys.executable, "-c", "import sys; from hierspec.cli import main; sy
         (["--max-queue", "0"], "--max-queue must be >= 1"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--cache-ram", "-1"], "--cache-ram must be >= 0"),
         (["--api-key", " "], "--api-key is empty"),
         (["--method", "hf-ngram"], "peer for `hierspec bench`"),
         (["--method", "ssd:small"], "--method ssd is not served"),
+        (["--draft-sampling", "greedy"], "--method ngram drafts without a draft model"),
     ],
 )
 def test_serve_bad_flags_fail_before_loading(capsys: Any, extra: list[str], msg: str) -> None:
@@ -93,11 +95,25 @@ def test_make_worker_choice(monkeypatch: Any) -> None:
     assert (model.path, model.n_seq_max, model.max_length, model.n_threads) == ("m.gguf", 4, 64, 2)
     assert llama.target.closed  # the one-sequence context is freed
     assert chosen.worker.kw == {
-        "method": "suffix", "gamma": 2, "rule": "block", "max_queue": 64, "eos_token_id": None
+        "method": "suffix", "gamma": 2, "rule": "block", "max_queue": 64, "eos_token_id": None,
+        "prefix_cache": True, "cache_bytes": 1 << 30,
     }  # fmt: skip
     assert isinstance(make_worker(llama, worker="serial").worker, SerialWorker)
     with pytest.raises(ValueError, match="--worker batch: not available"):
         make_worker(llama, method="draft:small", worker="batch")
+
+
+def test_serial_worker_builds_draft_models_with_the_draft_sampling() -> None:
+    """``--draft-sampling greedy`` reaches methods with a draft model; others build as before."""
+    target, draft = make_tiny_pair(vocab_size=32, seed=0, dtype=torch.float32)
+    models = ModelSet(target, None, backend="torch", drafts={"small": draft})
+    chosen = make_worker(models, method="draft:small", gamma=3, draft_sampling="greedy")
+    worker = chosen.worker
+    assert isinstance(worker, SerialWorker)
+    assert worker._method("draft:small", "block", 3).drafter.sampling == "greedy"
+    assert worker._method("ngram", "block", 3).drafter is not None  # no draft model: built as before
+    with pytest.raises(ValueError, match="draft_sampling"):
+        SerialWorker(models, draft_sampling="top")
 
 
 # ------------------------------------------------------------------------------ the real server

@@ -20,6 +20,9 @@ itself: whatever it rejects raises its own error. Plus hierspec's:
              assistant, else ``ngram``. Every method whose loop is the engine's runs (not
              ``ssd`` (its own process) nor the ``hf-*`` / ``llama-*`` peers).
     rule     verification rule at temperature > 0: token | block | hsd | match.
+    draft_sampling   how a draft model drafts at temperature > 0: "sample" (from its q, the
+             default) or "greedy" (its argmax, the engines' practice); only for methods with a
+             draft model.
     gamma    draft tokens per step, an integer >= 1, or "auto" (the adaptive policy).
     seed     hierspec's RNG streams; None draws one from torch's default generator, so
              ``torch.manual_seed`` / ``transformers.set_seed`` make runs reproducible.
@@ -74,6 +77,7 @@ from typing import Any
 
 import torch
 
+from .drafters.model import check_draft_sampling
 from .methods import ENTRIES, Built, MethodSpec, ModelSet, build_method, parse_method
 from .sampling import SamplingParams
 from .stats import SpecStats
@@ -115,6 +119,7 @@ def generate(
     rule: str = "block",
     gamma: int | str = "auto",
     seed: int | None = None,
+    draft_sampling: str = "sample",
     _hierspec_call: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
@@ -129,7 +134,7 @@ def generate(
         "streamer": streamer,
         "assistant_model": assistant_model,
     }
-    ours = {"method": method, "rule": rule, "gamma": gamma, "seed": seed}
+    ours = {"method": method, "rule": rule, "gamma": gamma, "seed": seed, "draft_sampling": draft_sampling}
     caller = _calling_generate()
     try:
         if caller is None:  # the directory form or a direct call: let transformers prepare
@@ -218,7 +223,7 @@ def _run_prepared(
     prompt = _prompt(model, input_ids, model_kwargs)  # [1, L'] without left padding
     params = sampling_params(hf["logits_processor"], greedy=not config.do_sample)
     spec = resolve_method(ours["method"], assistant is not None)
-    built = _built(model, spec, ours["rule"], _gamma(ours["gamma"]), assistant)
+    built = _built(model, spec, ours["rule"], _gamma(ours["gamma"]), assistant, ours["draft_sampling"])
     eos = config._eos_token_tensor
     eos_ids = None if eos is None else [int(t) for t in eos.reshape(-1).tolist()]
     budget = int(config.max_length) - input_ids.shape[1]
@@ -427,24 +432,28 @@ def _gamma(gamma: int | str) -> int:
 _SESSION_ATTR = "_hierspec_bridge"
 
 
-def _built(model: Any, spec: MethodSpec, rule: str, gamma: int, assistant: Any) -> Built:
-    """The method built on ``model`` (cached per model, method, rule, gamma and assistant: a
-    suffix drafter's earlier outputs and the adaptive policy's learned costs carry over)."""
+def _built(
+    model: Any, spec: MethodSpec, rule: str, gamma: int, assistant: Any, draft_sampling: str = "sample"
+) -> Built:
+    """The method built on ``model`` (cached per model, method, rule, gamma, draft sampling and
+    assistant: a suffix drafter's earlier outputs and the adaptive policy's learned costs carry
+    over)."""
     if rule not in _CHAIN_RULES:
         raise ValueError(f"rule: expected one of {', '.join(_CHAIN_RULES)}, got {rule!r}")
+    check_draft_sampling(draft_sampling, "draft_sampling")
     session = model.__dict__.get(_SESSION_ATTR)
     if session is None:
         session = (_wrap(model), OrderedDict())
         model.__dict__[_SESSION_ATTR] = session
     target, builts = session
-    key = (spec, rule, gamma, id(assistant), model.dtype, str(model.device))
+    key = (spec, rule, gamma, draft_sampling, id(assistant), model.dtype, str(model.device))
     hit = builts.get(key)
     if hit is not None and hit[0]() is assistant:
         builts.move_to_end(key)
         return hit[1]
     drafts = {ASSISTANT: _wrap(assistant)} if assistant is not None else {}
     models = ModelSet(target, dtype=model.dtype, backend="torch", drafts=drafts)
-    built = build_method(spec, models, rule=rule, gamma=gamma)
+    built = build_method(spec, models, rule=rule, gamma=gamma, draft_sampling=draft_sampling)
     ref = weakref.ref(assistant) if assistant is not None else (lambda: None)
     builts[key] = (ref, built)
     while len(builts) > _BUILT_CACHE_SIZE:

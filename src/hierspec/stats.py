@@ -28,6 +28,7 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
     acceptance_histogram: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of those, positions reused from cells computed earlier (serving)
     time_prefill: float = 0.0
     time_draft: float = 0.0
     time_target_forward: float = 0.0

@@ -21,6 +21,7 @@ from ..drafters.model import DRAFT_SAMPLINGS, check_draft_sampling
 from ..methods import METHOD_SYNTAX, REFERENCE, MethodError, MethodSpec, check_gammas, entry_of, parse_method
 from ..methods.spec import LOOKUP_LEVELS, parse_gamma
 from ..prompts import PROMPT_SETS, Prompt, encode_prompt, load_prompt_set, specbench_prompts
+from .lists import parse_list, split
 
 SPEC_RULES = ("token", "block", "hsd", "match")
 DTYPES = ("float32", "bfloat16")
@@ -205,20 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _parse_list(text: str, conv: Callable[[str], Any], what: str) -> list:
-    out = []
-    for item in _split(text):
-        try:
-            out.append(conv(item))
-        except ValueError:
-            raise BenchError(f"--{what}: cannot read {item!r}") from None
-    if not out:
-        raise BenchError(f"--{what}: empty list")
-    return list(dict.fromkeys(out))
+    return parse_list(text, conv, f"--{what}", error=BenchError)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -230,7 +219,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         value = getattr(args, name)
         return base[name] if value is None else value
 
-    methods = [parse_method(m) for m in _split(pick("methods"))]
+    methods = [parse_method(m) for m in split(pick("methods"))]
     if not methods:
         raise BenchError("--methods: empty list")
     names = list(dict.fromkeys(m.name for m in methods))

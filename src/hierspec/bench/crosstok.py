@@ -42,32 +42,20 @@ from typing import Any
 
 import torch
 
+from .lists import names, parse_list, positive_ints
+
 __all__ = ["main", "run", "to_markdown"]
+
+
+def _set_count(part: str) -> tuple[str, int]:
+    """``code:2`` -> ("code", 2); ``code`` -> ("code", 1)."""
+    name, _, n = part.partition(":")
+    return name, int(n or 1)
 
 
 def _prompt_spec(text: str) -> list[tuple[str, int]]:
     """``code:2,chat:2`` -> [("code", 2), ("chat", 2)]."""
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, n = part.partition(":")
-        try:
-            out.append((name, int(n or 1)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--prompts: expected SET:N[,SET:N...], got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("--prompts: give at least one SET:N")
-    return out
-
-
-def _gammas(text: str) -> list[int]:
-    """``4,8`` -> [4, 8] (each >= 1)."""
-    try:
-        out = [int(g) for g in text.split(",") if g.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"--gamma: expected integers >= 1 (e.g. 4,8), got {text!r}")
-    return out
+    return parse_list(text, _set_count, "", valid=lambda sn: sn[1] >= 1, expected="SET:N[,SET:N...]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,11 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target", default="qwen2.5-coder-1.5b", help="target model (catalogue name or path)")
     p.add_argument("--draft", default="smollm2-135m", help="draft model of another family")
-    p.add_argument("--backends", default="llama.cpp,torch", help="comma-separated: llama.cpp, torch")
+    p.add_argument(
+        "--backends",
+        type=names(("llama.cpp", "torch")),
+        default="llama.cpp,torch",
+        help="comma-separated: llama.cpp, torch",
+    )
     p.add_argument("--prompts", type=_prompt_spec, default="code:2,chat:2", help="prompt sets, SET:N,...")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
-        "--gamma", type=_gammas, default="4", help="target tokens drafted per step, one fixed row each (4,8)"
+        "--gamma",
+        type=positive_ints(),
+        default="4",
+        help="target tokens drafted per step, one fixed row each (4,8)",
     )
     p.add_argument("--k-max", type=int, default=8, help="longest draft of the adaptive row")
     p.add_argument(
@@ -204,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [],
         "notes": {},
     }
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    for backend in args.backends:
         _run_backend(args, backend, prompts, results)
     results["summary"] = summarize(results["rows"])
     return results

@@ -19,7 +19,8 @@ how many outputs equal ``hf``'s (bf16 may flip near-ties: report, do not promise
 T > 0 runs with ``top_k=0`` and ``top_p=1`` on both sides (no implicit top-k 50).
 
 The draft (``--draft``): a shipped draft (``small``, ``large``: hierspec's own `DraftLM` file,
-run by transformers as the equivalent ``LlamaForCausalLM``, `transformers_twin`), a catalogue
+run by transformers as the equivalent ``LlamaForCausalLM``,
+`hierspec.models.draft.twin.transformers_twin`), a catalogue
 model or a transformers folder / GGUF file with the target's vocabulary.
 """
 
@@ -36,65 +37,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["main", "summarise", "transformers_twin"]
+from .lists import gammas, names, split, temperatures
+
+__all__ = ["main", "summarise"]
 
 DTYPES = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------- the draft
-def transformers_twin(draft: Any) -> Any:
-    """A `hierspec.models.DraftLM` as the equivalent transformers ``LlamaForCausalLM`` (same
-    weights and dtype): the input table expanded to the target vocabulary (ids outside
-    ``vocab_map`` read the UNK row), the head's rows scattered to their target ids and a forward
-    hook that sets every other logit to -inf, as `DraftLM` does (its proposal q is 0 there)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = draft.config
-    cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.d_model,
-        intermediate_size=c.ff_dim,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=c.kv_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_length,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-    )
-    twin = LlamaForCausalLM(cfg).to(draft.dtype).eval()
-    vm = draft.vocab_map
-    state = {
-        "model.embed_tokens.weight": draft.embed.weight[draft.inv_map],
-        "model.norm.weight": draft.norm.weight,
-        "lm_head.weight": torch.zeros(c.vocab_size, c.d_model, dtype=draft.dtype).index_copy(
-            0, vm, draft.head_weight.detach()
-        ),
-    }
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-    for i, layer in enumerate(draft.layers):
-        for name, p in layer.named_parameters():
-            part = name.rpartition(".")[0]
-            where = (
-                names.get(part)
-                or ("self_attn." if part.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp.")
-                + part
-            )
-            state[f"model.layers.{i}.{where}.weight"] = p
-    twin.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
-    outside = torch.full((c.vocab_size,), float("-inf"), dtype=draft.dtype).index_fill(0, vm, 0.0)
-    twin.lm_head.register_forward_hook(lambda _m, _i, out: out + outside.to(out.device, out.dtype))
-    return twin
-
-
 def open_assistant(ref: str, dtype: torch.dtype, target: Any) -> Any:
     """The transformers model behind the draft ``ref`` (see module docstring)."""
     from ..methods import hf_module, resolve_draft
     from ..models import DraftLM
+    from ..models.draft.twin import transformers_twin
     from ..models.loading import load_draft_model
 
     model = load_draft_model(resolve_draft(ref), dtype, target)
@@ -245,24 +200,6 @@ def table(summary: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-def _ints_or_auto(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        value = 0 if part == "auto" else int(part)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"expected integers >= 1 or auto, got {text!r}")
-        out.append(value)
-    return out
-
-
-def _floats(text: str) -> list[float]:
-    vals = [float(x) for x in text.split(",")]
-    if any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected temperatures >= 0, got {text!r}")
-    return vals
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m hierspec.bench.hf_bridge",
@@ -274,24 +211,32 @@ def parser() -> argparse.ArgumentParser:
         "--draft", default="small", help="draft: shipped name (small, large), catalogue name or path"
     )
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    ap.add_argument("--sets", default="chat,code", help="prompt sets (hierspec.prompts), comma-separated")
+    ap.add_argument(
+        "--sets",
+        type=names(),
+        default="chat,code",
+        help="prompt sets (hierspec.prompts), comma-separated",
+    )
     ap.add_argument("--n", type=int, default=2, help="prompts per set")
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of each set")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (the table shows medians)")
-    ap.add_argument("--temperatures", type=_floats, default=[0.0, 1.0], help="e.g. 0,1 (0 = greedy)")
+    ap.add_argument(
+        "--temperatures",
+        type=temperatures(),
+        default=[0.0, 1.0],
+        help="e.g. 0,1 (0 = greedy)",
+    )
     ap.add_argument(
         "--methods",
         default=None,
         help="hierspec methods through custom_generate (default: draft (the assistant), suffix, draft:DRAFT "
         "for a shipped or catalogue draft)",
     )
-    ap.add_argument(
-        "--gammas", type=_ints_or_auto, default=[0], help="hierspec draft lengths (auto or integers)"
-    )
+    ap.add_argument("--gammas", type=gammas(), default=[0], help="hierspec draft lengths (auto or integers)")
     ap.add_argument(
         "--hf-gammas",
-        type=_ints_or_auto,
+        type=gammas(),
         default=[0, 5],
         help="transformers' num_assistant_tokens (auto = its defaults)",
     )
@@ -324,11 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.methods is None:
         native = [f"draft:{args.draft}"] if args.draft in shipped.DRAFTS else []
         args.methods = ",".join(["draft", "suffix", *native])
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = split(args.methods)
     prompts = [
-        encode_prompt(opened.tokenizer, p)
-        for s in args.sets.split(",")
-        for p in load_prompt_set(s, args.n, args.offset)
+        encode_prompt(opened.tokenizer, p) for s in args.sets for p in load_prompt_set(s, args.n, args.offset)
     ]
     cells = _cells(methods, args.gammas, args.hf_gammas)
     ctx = {"eos": opened.tokenizer.eos_token_id, "assistant": assistant, "rule": args.rule}

@@ -55,6 +55,7 @@ from ..sampling import SamplingParams, process_logits
 from ..verify import RULES
 from ..verify.law import expected_accepted
 from .intervals import cluster_bootstrap
+from .lists import parse_list, split
 
 #: the chain rules compared on sampled drafts (greedy drafts have one law for all of them)
 LAW_RULES = ("token", "block", "hsd", "match")
@@ -255,12 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> list[float]:
-    try:
-        temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(f"--temperatures: cannot read {args.temperatures!r}") from None
-    if not temps or any(not t > 0 for t in temps):
-        raise SystemExit(f"--temperatures: expected numbers > 0, got {args.temperatures!r}")
+    temps = parse_list(
+        args.temperatures,
+        float,
+        "--temperatures",
+        valid=lambda t: t > 0,
+        expected="numbers > 0",
+        error=SystemExit,
+    )
     for name, lo in (("gamma", 1), ("n", 1), ("new_tokens", 1), ("stride", 1)):
         if getattr(args, name) < lo:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
@@ -289,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     draft = models.draft(args.draft)
     prompts = [
-        encode_prompt(opened.tokenizer, p) for s in args.sets.split(",") for p in load_prompt_set(s, n=args.n)
+        encode_prompt(opened.tokenizer, p) for s in split(args.sets) for p in load_prompt_set(s, n=args.n)
     ]
     eos = getattr(opened.tokenizer, "eos_token_id", None)
     print(

@@ -15,19 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .lists import names, positive_ints
+
 SERVERS = ("hierspec", "llama-server", "llama-cpp-python")
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise SystemExit(
-            f"hierspec bench-serve: {flag}: expected comma-separated integers >= 1, got {text!r}"
-        )
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,23 +28,36 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hierspec bench-serve", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/serve"))
     ap.add_argument("--model", default="smollm2-135m", help="catalogue name or GGUF path (default SmolLM2)")
-    ap.add_argument("--sets", default="chat,code", help="prompt sets, comma-separated (as `hierspec bench`)")
+    ap.add_argument(
+        "--sets",
+        type=names(),
+        default="chat,code",
+        help="prompt sets, comma-separated (as `hierspec bench`)",
+    )
     ap.add_argument("--n", type=int, default=8, help="prompts per set (default 8)")
-    ap.add_argument("--concurrency", default="1,2,4,8", help="concurrent clients per level (default 1,2,4,8)")
+    ap.add_argument(
+        "--concurrency",
+        type=positive_ints(),
+        default="1,2,4,8",
+        help="concurrent clients per level (default 1,2,4,8)",
+    )
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--slots", type=int, default=4, help="sequences a server decodes together (default 4)")
     ap.add_argument("--ctx", type=int, default=2048, help="context per slot (default 2048)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--servers", default=",".join(SERVERS), help=f"subset of {', '.join(SERVERS)}")
+    ap.add_argument(
+        "--servers",
+        type=names(SERVERS),
+        default=",".join(SERVERS),
+        help=f"subset of {', '.join(SERVERS)}",
+    )
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: PATH, build/peers)")
     args = ap.parse_args(argv)
-    conc = _ints(args.concurrency, "--concurrency")
-    kinds = [s.strip() for s in args.servers.split(",") if s.strip()]
-    bad = [k for k in kinds if k not in SERVERS]
-    if bad or args.n < 1 or args.max_tokens < 1:
-        print(f"hierspec bench-serve: --servers: unknown {bad}; --n, --max-tokens >= 1", file=sys.stderr)
-        return 2
+    conc, kinds = args.concurrency, args.servers
+    for flag, value in (("--n", args.n), ("--max-tokens", args.max_tokens), ("--repeats", args.repeats)):
+        if value < 1:
+            ap.error(f"{flag}: expected an integer >= 1, got {value}")
     from ..models.catalog import resolve_model
 
     try:
@@ -69,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     prompts = [
-        [{"role": "user", "content": p.text}]
-        for name in args.sets.split(",")
-        for p in load_prompt_set(name.strip(), n=args.n)
+        [{"role": "user", "content": p.text}] for name in args.sets for p in load_prompt_set(name, n=args.n)
     ]
     from ..models.open import load_gguf_tokenizer
 

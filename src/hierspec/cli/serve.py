@@ -40,9 +40,28 @@ def add_serve_arguments(p: Any) -> None:
     p.add_argument(
         "--rule", default="block", choices=("token", "block", "hsd", "match"), help="default rule at T > 0"
     )
+    p.add_argument(
+        "--draft-sampling",
+        default="sample",
+        choices=("sample", "greedy"),
+        help="at T > 0, how a draft model drafts: sample from q (default) or its argmax (the engines' "
+        "practice); methods without a draft model ignore it",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (batching worker)")
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not reuse the cells of earlier requests for prompts that share a prefix",
+    )
+    p.add_argument(
+        "--cache-ram",
+        type=int,
+        default=1024,
+        help="MiB of host copies of earlier requests' cells for prefix reuse (0: in place only)",
+    )
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond: HTTP 429")
     p.add_argument(
         "--api-key",
@@ -73,6 +92,8 @@ def _check(args: Any) -> tuple[Any, int]:
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise CliError(f"{flag} must be >= 1, got {value}")
+    if args.cache_ram < 0:
+        raise CliError(f"--cache-ram must be >= 0 (MiB), got {args.cache_ram}")
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
@@ -82,6 +103,11 @@ def _check(args: Any) -> tuple[Any, int]:
     except MethodError as err:
         raise CliError(f"--method: {err}") from None
     entry = entry_of(spec)
+    if args.draft_sampling != "sample" and not entry.draft_sampling:
+        raise CliError(
+            f"--draft-sampling {args.draft_sampling}: --method {spec.name} drafts without a draft model "
+            "(give a draft:, hier: or other model-drafting method)"
+        )
     if entry.peer:
         raise CliError(f"--method {spec.kind} is a peer for `hierspec bench`, not a served method")
     if entry.remote:
@@ -142,6 +168,9 @@ def run_serve(args: Any) -> int:
         method=spec.name,
         gamma=gamma,
         rule=args.rule,
+        draft_sampling=args.draft_sampling,
+        prefix_cache=args.prefix_cache,
+        cache_bytes=args.cache_ram << 20,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         threads=args.threads,
@@ -172,9 +201,10 @@ def run_serve(args: Any) -> int:
         timeout_keep_alive=5,
     )
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    draft_note = f", draft sampling {args.draft_sampling}" if args.draft_sampling != "sample" else ""
     ready = (
         f"hierspec serve: {opened.name} on {opened.backend}, {chosen.name} ({chosen.why}), method "
-        f"{spec.name}, gamma {gamma or 'auto'}, rule {args.rule}, context {target.max_length}"
+        f"{spec.name}, gamma {gamma or 'auto'}, rule {args.rule}{draft_note}, context {target.max_length}"
         f"{', API key required' if args.api_key else ''}; listening on {url}"
     )
     _uvicorn_server(config, ready).run(sockets=[sock])

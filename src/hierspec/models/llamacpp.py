@@ -79,6 +79,10 @@ class LlamaCppModel:
         check_ids: check every forward that ids lie in ``[0, vocab_size)``.
         n_seq_max: sequences the context holds, each with its own KV stream of ``n_ctx`` positions
             (``forward`` / ``crop`` address sequence 0; `hierspec.models.llamacpp_batch` all).
+        kv_unified: one KV stream shared by all sequences instead of one each: a batch then runs
+            as one forward whatever its shape, but each row attends over every sequence's cells
+            (masked); with one stream per sequence llama.cpp splits a ragged batch into equal
+            forwards (`hierspec.serve.scheduler.ubatch_rows`).
 
     Logits are float32 ``[1, T, V]`` ordinary CPU tensors (callers may modify them).
     """
@@ -102,6 +106,7 @@ class LlamaCppModel:
         verbose: bool = False,
         check_ids: bool = True,
         n_seq_max: int = 1,
+        kv_unified: bool = False,
     ) -> None:
         for name, value in (
             ("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("n_seq_max", n_seq_max)
@@ -153,7 +158,8 @@ class LlamaCppModel:
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = self.n_seq_max
-        cparams.kv_unified = False
+        cparams.kv_unified = bool(kv_unified)
+        self.kv_unified = bool(kv_unified)
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         cparams.embeddings = False

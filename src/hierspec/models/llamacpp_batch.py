@@ -52,6 +52,9 @@ class SequenceBatch:
         self.torch_threads = int(model.torch_threads)
         self.max_length = int(model.max_length)
         self._length = [0] * self.num_seqs
+        #: one KV stream per sequence: llama.cpp runs a batch as equal forwards per sequence
+        #: (`hierspec.serve.scheduler.ubatch_rows`)
+        self.equal_split = not getattr(model, "kv_unified", False)
         model.reset()
 
     def close(self) -> None:
@@ -86,6 +89,29 @@ class SequenceBatch:
         """Forget ``seq`` entirely (its KV cells are reusable at once)."""
         self._lcp.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._length[seq] = 0
+
+    def save(self, seq: int) -> tuple[Any, int]:
+        """A host copy of ``seq``'s cells (``llama_state_seq_get_data``) and its size in bytes."""
+        lcp = self._lcp
+        size = int(lcp.llama_state_seq_get_size(self._ctx, seq))
+        buf = (ctypes.c_uint8 * size)()
+        got = int(lcp.llama_state_seq_get_data(self._ctx, buf, size, seq))
+        if got != size:
+            raise RuntimeError(f"llama_state_seq_get_data: {got} of {size} bytes for seq {seq}")
+        return (buf, self._length[seq]), size
+
+    def restore(self, seq: int, state: Any, n: int) -> None:
+        """Put a `save`d copy into ``seq`` (whatever it held is dropped) and keep its first ``n``
+        positions."""
+        buf, held = state
+        if not 0 <= n <= held:
+            raise ValueError(f"restore: n must lie in 0..{held}, got {n}")
+        self.free(seq)
+        if not self._lcp.llama_state_seq_set_data(self._ctx, buf, len(buf), seq):
+            self.free(seq)
+            raise RuntimeError(f"llama_state_seq_set_data failed for seq {seq} (no room in its cells?)")
+        self._length[seq] = held
+        self.truncate(seq, n)
 
     # ------------------------------------------------------------------ the forward
     def decode(self, parts: Sequence[Part]) -> list[torch.Tensor | None]:

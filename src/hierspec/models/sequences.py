@@ -2,6 +2,8 @@
 
     decode([Part(seq, tokens, logits), ...]) -> per part: logits [n, V] or None
     truncate(seq, n) / free(seq) / length(seq)
+    save(seq) -> (state, bytes) / restore(seq, state, n)   a copy of a sequence's cells, put back
+                                                           later into any seq_id (prefix caching)
 
 Two implementations: `hierspec.models.llamacpp_batch.SequenceBatch` (one llama.cpp context, ONE
 ``llama_decode`` over every part's rows) and `ModelSequences` here (one `LanguageModel` per
@@ -11,9 +13,10 @@ tests; correct, but no batching gain).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -49,6 +52,10 @@ class Sequences(Protocol):
 
     def length(self, seq: int) -> int: ...
 
+    def save(self, seq: int) -> tuple[Any, int]: ...
+
+    def restore(self, seq: int, state: Any, n: int) -> None: ...
+
 
 class ModelSequences:
     """``num_seqs`` sequences, each on its own model from ``make_model()`` (see module docstring)."""
@@ -82,3 +89,14 @@ class ModelSequences:
 
     def length(self, seq: int) -> int:
         return self.models[seq].cache_length
+
+    def save(self, seq: int) -> tuple[Any, int]:
+        """A deep copy of the sequence's model (its cache is the state); its size is nominal."""
+        return copy.deepcopy(self.models[seq]), 1
+
+    def restore(self, seq: int, state: Any, n: int) -> None:
+        model = copy.deepcopy(state)
+        if not 0 <= n <= model.cache_length:
+            raise ValueError(f"restore: n must lie in 0..{model.cache_length}, got {n}")
+        model.crop(n)
+        self.models[seq] = model

@@ -3,12 +3,17 @@
 One llama.cpp context holds up to ``max_batch`` sequences (a seq_id per request,
 `hierspec.models.llamacpp_batch.SequenceBatch`). Each scheduler step:
 
-    admit     queued requests take free seq_ids; cancelled ones free theirs at once
+    admit     queued requests take free seq_ids (the one whose cells hold the longest prefix
+              of the prompt: those positions are not prefilled again); cancelled ones free
+              theirs at once
     propose   every decoding sequence's drafter proposes up to k_max tokens (`hierspec.step.propose`)
     allocate  the scheduler keeps k_i of them (`hierspec.serve.scheduler.allocate`: expected
               tokens per second of the whole batch from the batched cost curve c(R))
     forward   ONE llama_decode: per decoding sequence [x_L, X_1..X_k_i] (logits on), plus chunks
-              of the prompts being prefilled (logits off), so new requests never stall the others
+              of the prompts being prefilled (logits off), so new requests never stall the others;
+              rows in seq_id order, and new requests take the lowest free seq_id: llama.cpp runs
+              a batch of equal rows per sequence at consecutive seq_ids as one forward, else
+              splits it (`hierspec.serve.scheduler.ubatch_rows`, which the allocation costs)
     verify    per sequence, its own rule and streams (`hierspec.step.verify_rows`): ragged tau_i
     commit    EOS / stop strings (`hierspec.output.Output`), events to the app, and each sequence
               rolled back on its own: llama_memory_seq_rm(seq_i, L_i + tau_i, -1)
@@ -19,6 +24,14 @@ the target's law for that request alone; with a deterministic draft (n-gram, suf
 seeded response is the text plain sampling gives with that seed, whatever else is in the batch
 and whatever lengths the scheduler chose -- as far as llama.cpp's rows for a sequence do not
 depend on the other rows of the batch (measured: README, "Serving").
+
+Prefix reuse (what llama-server's ``cache_prompt`` and vLLM's prefix caching do): a finished
+sequence leaves its cells in place, holding the tokens of its prompt and answer but the last; a
+new request takes the free seq_id sharing the longest prefix with its prompt, the rest of the
+cells is dropped (``llama_memory_seq_rm``) and only the remainder is prefilled. A follow-up turn
+of a chat, or the same prompt again, then starts at once. The cached positions are the same
+tokens at the same positions, so the law is unchanged; their keys and values were computed in
+other batches, which llama.cpp may round differently (the identity rates in the README).
 
 Methods: ``ar`` and the lookup drafters (``ngram``, ``suffix``), each request with its own
 drafter instance; gamma "auto" lets the scheduler choose, an integer fixes k_i = min(gamma, draft).
@@ -48,10 +61,13 @@ from ..rng import Streams
 from ..stats import SpecStats
 from ..step import StepContext, propose, verify_rows
 from ..verify import get_rule
-from .scheduler import allocate, gains_from
+from .prefix import PrefixStore, common_prefix
+from .scheduler import Layout, allocate, gains_from, ubatch_rows
 from .worker import DoneEvent, GenRequest, QueueFull, Sink, TokenEvent
 
 BATCH_METHODS = tuple(kind for kind, e in ENTRIES.items() if e.batched)
+#: fewer positions than this are not worth a copy to the host, nor a copy back
+MIN_CACHED = 16
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
@@ -84,7 +100,9 @@ class BatchWorker:
     context with several sequences, `SequenceBatch`; see module docstring) and the cost prior
     c(R) of its forwards (`from_llamacpp` measures it). ``method`` / ``gamma`` / ``rule``:
     defaults for requests that do not set them (gamma 0 = auto). ``prefill_chunk``: most prompt
-    rows per step while other sequences decode."""
+    rows per step while other sequences decode. ``prefix_cache``: reuse the cells of finished
+    sequences for prompts that share a prefix, in place and from up to ``cache_bytes`` of host
+    copies (`hierspec.serve.prefix`; 0: in place only)."""
 
     def __init__(
         self,
@@ -99,6 +117,8 @@ class BatchWorker:
         prefill_chunk: int = 128,
         eos_token_id: Any = None,
         cost_prior: Callable[[int], float],
+        prefix_cache: bool = True,
+        cache_bytes: int = 1 << 30,
     ) -> None:
         self.tokenizer = tokenizer
         self.batch = seqs
@@ -113,16 +133,24 @@ class BatchWorker:
         # it and are extrapolated); an untrusted prior (a busy host) counts for little
         trusted = bool(getattr(cost_prior, "trusted", True))
         self.costs = OnlineCostCurve(cost_prior, self.max_batch * (k_max + 1), trusted=trusted)
+        self._costs_by_seqs: dict[int, OnlineCostCurve] = {1: self.costs}
         self.acceptance: dict[str, AcceptanceModel] = {}
         self._queue: collections.deque[tuple[GenRequest, Sink, float]] = collections.deque()
         self._active: list[_Seq] = []
         self._free = list(range(self.max_batch))
+        self._cached: dict[int, list[int]] = {}  # free seq_id -> the tokens its cells hold
+        self.prefix_cache = prefix_cache
+        can_copy = prefix_cache and cache_bytes > 0 and hasattr(seqs, "save")
+        self.store = PrefixStore(cache_bytes) if can_copy else None
         self._cancel: set[str] = set()
         self._lock = threading.Condition()
         self._stopping = False
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.forwards = 0  # llama.cpp forwards (ubatches) run, all steps
+        #: llama.cpp splits a batch into equal forwards per sequence (one KV stream each)
+        self.split = bool(getattr(seqs, "equal_split", False))
         self.rows_hist: collections.Counter[int] = collections.Counter()
         self.draft_rows = 0  # drafted rows the scheduler kept, all steps
         self.decode_rows = 0  # rows of decoding sequences (1 + k_i each), all steps
@@ -185,9 +213,15 @@ class BatchWorker:
             "running": running,
             "max_batch": self.max_batch,
             "steps": self.steps,
+            "forwards": self.forwards,
             "draft_rows": self.draft_rows,
             "decode_rows": self.decode_rows,
             "cost_curve_ms": {r: round(1e3 * self.costs(r), 2) for r in CURVE_SIZES},
+            "prefix_cache": {
+                "on": self.prefix_cache,
+                "host_copies": 0 if self.store is None else len(self.store),
+                "host_bytes": 0 if self.store is None else self.store.used,
+            },
         }
 
     # ------------------------------------------------------------------ the loop
@@ -220,14 +254,42 @@ class BatchWorker:
             if req.request_id in cancelled:
                 sink(DoneEvent(req.request_id, [], "cancelled", SpecStats()))
             elif self._free and not self._stopping:
-                self._active.append(self._new_seq(req, sink, t, self._free.pop(0)))
+                slot, reuse, state = self._pick_slot(req.prompt_ids)
+                self._free.remove(slot)
+                self._active.append(self._new_seq(req, sink, t, slot, reuse, state))
             elif self._stopping:
                 sink(DoneEvent(req.request_id, [], "cancelled", SpecStats()))
             else:
                 kept.append((req, sink, t))
         self._queue = kept
 
-    def _new_seq(self, req: GenRequest, sink: Sink, t: float, slot: int) -> _Seq:
+    def _pick_slot(self, prompt: list[int]) -> tuple[int, int, Any]:
+        """(free seq_id, positions to keep, cells to copy in or None). The cells: those of the
+        free seq_id sharing the longest prefix with ``prompt[:-1]`` (the last prompt token is the
+        first decoded row), or a host copy sharing a longer one. Under llama.cpp's split the
+        lowest free seq_id is taken (consecutive seq_ids run as one forward) and the cells are
+        copied there; otherwise the seq_id that holds them."""
+        low = min(self._free)
+        if not self.prefix_cache:
+            return low, 0, None
+        best, keep = low, 0
+        for slot in self._free:
+            n = common_prefix(self._cached.get(slot, ()), prompt[:-1])
+            if n > keep:
+                best, keep = slot, n
+        if self.store is not None:
+            _, state, n = self.store.best(prompt[:-1])
+            if n >= keep + MIN_CACHED:
+                return low, n, state
+        if best == low or not self.split:
+            return best, keep, None
+        if keep >= MIN_CACHED and hasattr(self.batch, "save"):
+            return low, keep, self.batch.save(best)[0]
+        return low, 0, None
+
+    def _new_seq(
+        self, req: GenRequest, sink: Sink, t: float, slot: int, reuse: int = 0, state: Any = None
+    ) -> _Seq:
         spec = parse_method(req.method or self.method)
         params = req.params
         rule = get_rule("greedy" if params.greedy else (req.rule or self.rule))
@@ -241,16 +303,30 @@ class BatchWorker:
         )
         budget = min(req.max_tokens, self.batch.max_length - len(req.prompt_ids))
         gamma = self.gamma if req.gamma is None else req.gamma
-        s = _Seq(req, sink, slot, ctx, out, budget, gamma, t)
+        s = _Seq(req, sink, slot, ctx, out, budget, gamma, t, prefilled=reuse)
         s.context = torch.tensor([req.prompt_ids], dtype=torch.long)
-        self.batch.free(slot)
+        held = self._cached.pop(slot, [])
+        if self.store is not None and len(held) >= (0 if state is not None else reuse) + MIN_CACHED:
+            self.store.put(held, *self.batch.save(slot))  # its cells are about to be overwritten
+        if state is not None:
+            self.batch.restore(slot, state, reuse)
+        elif reuse:
+            self.batch.truncate(slot, reuse)
+        else:
+            self.batch.free(slot)
+        stats.cached_prompt_tokens = reuse
         return s
 
     def _finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
-        self.batch.free(s.slot)
+        held = self._held(s) if reason != "error" else []  # after a failed forward: forget it
+        if held:
+            self.batch.truncate(s.slot, len(held))
+        else:
+            self.batch.free(s.slot)
         with self._lock:
             self._active.remove(s)
             self._free.append(s.slot)
+            self._cached[s.slot] = held
         st = s.ctx.stats
         st.num_generated_tokens = len(s.output.tokens)
         if s.t_start is not None:
@@ -258,10 +334,19 @@ class BatchWorker:
         ttft = None if s.t_first is None else s.t_first - s.t_submit
         s.sink(DoneEvent(s.req.request_id, list(s.output.tokens), reason, st, error, ttft))
 
+    def _held(self, s: _Seq) -> list[int]:
+        """The tokens whose cells ``s`` keeps for a later prompt: its prompt prefilled so far, or,
+        decoding, its context but the last token (committed, not yet forwarded)."""
+        if not s.decoding:
+            return list(s.req.prompt_ids[: s.prefilled])
+        n = min(s.context.shape[1] - 1, self.batch.length(s.slot))
+        return s.context[0, :n].tolist()
+
     # ------------------------------------------------------------------ one step
     def _step(self) -> None:
-        decoding = [s for s in self._active if s.decoding]
-        prefilling = [s for s in self._active if not s.decoding]
+        by_slot = sorted(self._active, key=lambda s: s.slot)  # rows in seq_id order (llama.cpp's split)
+        decoding = [s for s in by_slot if s.decoding]
+        prefilling = [s for s in by_slot if not s.decoding]
         t0 = time.perf_counter()
         for s in decoding:
             if s.t_start is None:
@@ -287,9 +372,14 @@ class BatchWorker:
             fills.append((s, n))
             chunk -= n
         rows = sum(len(p.tokens) for p in parts)
-        logits = self.batch.decode(parts)
+        parts.sort(key=lambda p: p.seq)
+        logits_by_seq = dict(zip((p.seq for p in parts), self.batch.decode(parts), strict=True))
+        logits = [logits_by_seq[s.slot] for s in decoding]
         dt = time.perf_counter() - t1
-        self.costs.observe(rows, dt)
+        forwards = self._forwards(parts)
+        if len(forwards) == 1:  # c(R) is the cost of one forward of R rows (over n sequences)
+            self.curve(len(parts)).observe(rows, dt)
+        self.forwards += len(forwards)
         self.steps += 1
         self.rows_hist[rows] += 1
         for s, n in fills:
@@ -304,6 +394,28 @@ class BatchWorker:
                 done.append((s, reason))
         for s, reason in done:
             self._finish(s, reason)
+
+    def _forwards(self, parts: list[Part]) -> list[int]:
+        """Rows of each forward llama.cpp runs for ``parts`` (one, unless its split applies)."""
+        if not self.split:
+            return [sum(len(p.tokens) for p in parts)]
+        rows = [0] * self.max_batch
+        for p in parts:
+            rows[p.seq] = len(p.tokens)
+        return ubatch_rows(rows)
+
+    def curve(self, n_seqs: int) -> OnlineCostCurve:
+        """c(R) of forwards over ``n_seqs`` sequences (their attention runs per sequence: more
+        sequences, more cost for the same rows), learned online from the one-sequence curve."""
+        n = max(1, int(n_seqs))
+        c = self._costs_by_seqs.get(n)
+        if c is None:
+            c = OnlineCostCurve(self.costs, self.costs.t_max, trusted=False)
+            self._costs_by_seqs[n] = c
+        return c
+
+    def _cost(self, rows: int, n_seqs: int) -> float:
+        return self.curve(n_seqs)(rows)
 
     def _propose(self, s: _Seq) -> None:
         room = s.budget - len(s.output.tokens)
@@ -331,8 +443,18 @@ class BatchWorker:
         base = prefill_rows + len(decoding) + sum(ks)
         gains = [gains_from([self._acceptance(decoding[i]).estimate(c) for c in decoding[i].conf])
                  for i in auto]  # fmt: skip
+        layout = None
+        if self.split:
+            chosen = set(auto)
+            others = {
+                s.slot: 1 + k for i, (s, k) in enumerate(zip(decoding, ks, strict=True)) if i not in chosen
+            }
+            layout = Layout([decoding[i].slot for i in auto], others)
         # a lookup draft's cost is paid when it is proposed, whatever is kept: no d here
-        alloc = allocate(gains, base, self.costs, 0.0, self.batch.max_rows)
+        n = len(decoding)
+        alloc = allocate(
+            gains, base, lambda r: self._cost(r, n), 0.0, self.batch.max_rows, layout, self._cost
+        )
         for i, k in zip(auto, alloc, strict=True):
             ks[i] = k
             self.draft_rows += k

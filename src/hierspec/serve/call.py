@@ -89,9 +89,14 @@ class Call:
             return "stop"
         return FINISH.get(self.done.finish_reason, "stop")
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` when the worker reused cells."""
         n, m = len(self.gen.prompt_ids), len(self.done.token_ids) if self.done else 0
-        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+        out: dict[str, Any] = {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+        cached = getattr(self.done.stats, "cached_prompt_tokens", 0) if self.done else 0
+        if cached:
+            out["prompt_tokens_details"] = {"cached_tokens": cached}
+        return out
 
     def failure(self) -> ApiError | None:
         """The error of a request that ended without finishing, or None."""

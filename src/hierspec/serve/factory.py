@@ -55,6 +55,9 @@ def make_worker(
     method: str = "ngram",
     gamma: int = 0,
     rule: str = "block",
+    draft_sampling: str = "sample",
+    prefix_cache: bool = True,
+    cache_bytes: int = 1 << 30,
     max_batch: int = 8,
     max_queue: int = 64,
     threads: int | None = None,
@@ -83,9 +86,13 @@ def make_worker(
                 rule=rule,
                 max_queue=max_queue,
                 eos_token_id=getattr(models.tokenizer, "eos_token_id", None),
+                prefix_cache=prefix_cache,
+                cache_bytes=cache_bytes,
             )
             return Chosen(batched, type(batched).__name__, f"continuous batching of up to {max_batch}")
     if worker == "batch":
         raise ValueError(f"--worker batch: not available ({why})")
-    serial = SerialWorker(models, method=method, gamma=gamma, rule=rule, max_queue=max_queue)
+    serial = SerialWorker(
+        models, method=method, gamma=gamma, rule=rule, draft_sampling=draft_sampling, max_queue=max_queue
+    )
     return Chosen(serial, type(serial).__name__, why)

@@ -7,6 +7,8 @@ the metric, so its dashboards work:
     vllm:spec_decode_num_accepted_tokens_per_pos_total     ... by draft position (label position)
     vllm:request_success_total                             finished requests (label finished_reason)
     vllm:prompt_tokens_total, vllm:generation_tokens_total
+    vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total   prompt tokens looked up in the
+                                                          cells of finished sequences / found there
     vllm:num_requests_running, vllm:num_requests_waiting  from the worker's status()
     vllm:time_to_first_token_seconds                      request received -> first token sent
     vllm:inter_token_latency_seconds                      per token: the gap between two token
@@ -72,6 +74,12 @@ class ServeMetrics:
         )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", m, registry=r)
+        self.cache_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m, registry=r
+        )
+        self.cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m, registry=r
+        )
         self.running = Gauge("vllm:num_requests_running", "Requests decoding now.", m, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests in the queue.", m, registry=r)
         self.running.labels(model_name).set_function(lambda: self._read("running"))
@@ -120,6 +128,8 @@ class ServeMetrics:
         self.generation_tokens.labels(name).inc(generated)
         if stats is None:
             return
+        self.cache_queries.labels(name).inc(prompt_tokens)
+        self.cache_hits.labels(name).inc(stats.cached_prompt_tokens)
         self.drafts.labels(name).inc(stats.num_spec_steps)
         self.draft_tokens.labels(name).inc(stats.num_draft_tokens)
         self.accepted_tokens.labels(name).inc(stats.num_accepted_draft_tokens)

@@ -19,6 +19,15 @@ there (CPU) a drafted row must beat a whole decoding sequence's share and specul
 itself; when load falls it comes back. With one sequence this is the adaptive policy's rule
 (`hierspec.policy.best_length`).
 
+llama.cpp's split (a context with one KV stream per sequence, ``kv_unified = False``): one
+``llama_decode`` runs as several forwards ("ubatches") unless every sequence in the batch has
+the same number of rows and their seq_ids are consecutive: each ubatch takes, from the first
+sequence with rows left and the run of consecutive seq_ids after it that have rows left, the
+same number of rows from each (the least any of them has left). `ubatch_rows` replays that
+split; with ``split=True`` the step costs sum_u c(R_u) over its ubatches, not c(R), so ragged
+drafts pay whole extra forwards. The allocation then compares the greedy prefixes above with
+every uniform length k (k_i = min(k, d_i)) under that cost and keeps the best rate.
+
 Exactness: the lengths depend on the past (acceptance model, costs) and on the drafts'
 confidences, never on this step's target rows; drafts the scheduler truncates are deterministic
 (n-gram, suffix), so any prefix is exact (`hierspec.policy`, argument (D)).
@@ -26,7 +35,50 @@ confidences, never on this step's target rows; drafts the scheduler truncates ar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+def ubatches(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """(rows, sequences) of each forward llama.cpp's equal split (``split_equal(sequential=True)``)
+    makes of a batch whose sequence i (seq_id i, in this order) has ``rows[i]`` rows (0: not in
+    the batch)."""
+    left = list(rows)
+    out = []
+    while any(left):
+        start = next(i for i, n in enumerate(left) if n)
+        end = start
+        while end + 1 < len(left) and left[end + 1]:
+            end += 1
+        take = min(left[start : end + 1])
+        out.append((take * (end - start + 1), end - start + 1))
+        for i in range(start, end + 1):
+            left[i] -= take
+    return out
+
+
+def ubatch_rows(rows: Sequence[int]) -> list[int]:
+    """Rows of each forward of `ubatches`."""
+    return [r for r, _ in ubatches(rows)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a step's decoding sequences sit, for llama.cpp's split: the seq_id of each sequence
+    being allocated, and the rows of the other decoding sequences by seq_id (fixed lengths)."""
+
+    slots: Sequence[int]
+    others: Mapping[int, int] = field(default_factory=dict)
+
+    def rows(self, ks: Sequence[int]) -> list[int]:
+        """Rows per seq_id 0..max (0: not in the step) when sequence i drafts ks[i]."""
+        top = max([*self.slots, *self.others, -1])
+        out = [0] * (top + 1)
+        for slot, n in self.others.items():
+            out[slot] = n
+        for slot, k in zip(self.slots, ks, strict=True):
+            out[slot] = 1 + k
+        return out
 
 
 def allocate(
@@ -35,25 +87,52 @@ def allocate(
     cost: Callable[[int], float],
     draft_cost: float = 0.0,
     max_rows: int | None = None,
+    layout: Layout | None = None,
+    seq_cost: Callable[[int, int], float] | None = None,
 ) -> list[int]:
     """Draft rows k_i per sequence maximising the batch's expected tokens per second (see module
-    docstring). ``gains[i][j]`` = g_{i,j+1}, non-increasing in j; ``base_rows`` = R_0;
-    ``max_rows`` caps R."""
+    docstring). ``gains[i][j]`` = g_{i,j+1}, non-increasing in j; ``base_rows`` = R_0 (one row per
+    sequence and any others); ``max_rows`` caps R; ``layout``: the step runs as llama.cpp's
+    equal split of the sequences at these seq_ids and costs its ubatches (`ubatches`), each by
+    ``seq_cost(rows, sequences)`` if given (a forward over more sequences costs more), else by
+    ``cost(rows)``."""
     n = len(gains)
+    split = layout is not None
+    fixed = sum(layout.others.values()) if layout is not None else 0
+    extra = base_rows - n - fixed  # rows of no decoding sequence (prefill chunks): one more forward
+
+    def seconds(ks: Sequence[int]) -> float:
+        m = sum(ks)
+        if layout is None:
+            return cost(base_rows + m) + draft_cost * m
+        forwards = ubatches(layout.rows(ks))
+        each = sum(cost(r) if seq_cost is None else seq_cost(r, n) for r, n in forwards)
+        return each + (cost(extra) if extra > 0 else 0.0) + draft_cost * m
+
+    def tokens(ks: Sequence[int]) -> float:
+        return n + sum(sum(g[:k]) for g, k in zip(gains, ks, strict=True))
+
+    cap = None if max_rows is None else max(0, max_rows - base_rows)
     cells = ((g, i, j) for i, row in enumerate(gains) for j, g in enumerate(row))
     order = sorted(cells, key=lambda t: (-t[0], t[1], t[2]))
-    if max_rows is not None:
-        order = order[: max(0, max_rows - base_rows)]
-    best_m, best_rate, total = 0, n / max(cost(base_rows), 1e-12), float(n)
-    for m, (g, _, _) in enumerate(order, start=1):
-        total += g
-        rate = total / max(cost(base_rows + m) + draft_cost * m, 1e-12)
-        if rate > best_rate:
-            best_m, best_rate = m, rate
+    if cap is not None:
+        order = order[:cap]
+    best_ks, best_rate = [0] * n, n / max(seconds([0] * n), 1e-12)
     ks = [0] * n
-    for _, i, j in order[:best_m]:
+    candidates: list[list[int]] = []
+    for _, i, j in order:  # the greedy prefixes: the m largest gains
         ks[i] = max(ks[i], j + 1)
-    return ks
+        candidates.append(list(ks))
+    if split:  # every sequence the same length where its draft allows: one forward
+        longest = max((len(g) for g in gains), default=0)
+        candidates += [[min(k, len(g)) for g in gains] for k in range(1, longest + 1)]
+    for ks in candidates:
+        if cap is not None and sum(ks) > cap:
+            continue
+        rate = tokens(ks) / max(seconds(ks), 1e-12)
+        if rate > best_rate:
+            best_ks, best_rate = ks, rate
+    return best_ks
 
 
 def gains_from(acceptance: Sequence[float]) -> list[float]:

@@ -20,7 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..methods import Built, ModelSet, build_method
+from ..drafters.model import check_draft_sampling
+from ..methods import Built, ModelSet, build_method, entry_of, parse_method
 from ..stats import SpecStats
 from .worker import DoneEvent, GenRequest, QueueFull, Sink, TokenEvent
 
@@ -52,7 +53,8 @@ class _Job:
 
 class SerialWorker:
     """See module docstring. ``method`` / ``gamma`` (0 = auto) / ``rule``: the defaults of
-    requests that leave them out; ``max_queue``: requests waiting besides the running one."""
+    requests that leave them out; ``draft_sampling``: how methods with a draft model draft at
+    T > 0 (others ignore it); ``max_queue``: requests waiting besides the running one."""
 
     max_batch = 1
 
@@ -63,6 +65,7 @@ class SerialWorker:
         method: str = "ngram",
         gamma: int = 0,
         rule: str = "block",
+        draft_sampling: str = "sample",
         max_queue: int = 64,
         warmup: bool = True,
     ) -> None:
@@ -71,6 +74,7 @@ class SerialWorker:
         self.models = models
         self.tokenizer = models.tokenizer
         self.method, self.gamma, self.rule = method, gamma, rule
+        self.draft_sampling = check_draft_sampling(draft_sampling, "draft_sampling")
         self.max_queue = max_queue
         self.warmup = warmup
         self._cond = threading.Condition()
@@ -147,7 +151,9 @@ class SerialWorker:
         key = (method, rule, gamma)
         built = self._built.get(key)
         if built is None:
-            built = self._built[key] = build_method(method, self.models, rule=rule, gamma=gamma)
+            sampling = self.draft_sampling if entry_of(parse_method(method)).draft_sampling else "sample"
+            built = build_method(method, self.models, rule=rule, gamma=gamma, draft_sampling=sampling)
+            self._built[key] = built
         return built
 
     def _warm(self, built: Built) -> None:

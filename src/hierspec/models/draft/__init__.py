@@ -4,6 +4,7 @@ vocabulary, static KV cache, one safetensors file).
     format.py   the file format: target identity, checked safetensors I/O, head-file helpers
     layers.py   `DraftConfig` and the Llama layers (RMSNorm, RoPE, `DraftBlock`)
     model.py    `DraftLM` and its file: `save_draft`, `load_draft`, `read_draft_metadata`
+    twin.py     `transformers_twin`: a `DraftLM` as transformers' `LlamaForCausalLM` (not re-exported)
 
 Every name is re-exported here: ``from hierspec.models.draft import DraftLM, load_draft, ...``.
 """
