@@ -180,7 +180,7 @@ def test_prefix_reuse_is_the_same_decoding(tiny, monkeypatch, corrupt):
     from hierspec.engine import generate
 
     if corrupt:
-        monkeypatch.setattr("hierspec.serve.batch.common_prefix", lambda a, b: min(len(a), len(b)))
+        monkeypatch.setattr("hierspec.serve.slots.common_prefix", lambda a, b: min(len(a), len(b)))
     greedy = SamplingParams(temperature=0)
     w = worker_on(tiny, num_seqs=2)
     got, refs = {}, {}
@@ -224,6 +224,69 @@ def test_prefix_reuse_from_host_copies(tiny):
     assert got.token_ids == generate(tiny, follow, params=T1, max_new_tokens=12, seed=3).token_ids
 
 
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_gap_in_seq_ids_is_closed_without_changing_texts(tiny, monkeypatch, corrupt):
+    """Under llama.cpp's split a gap in the seq_ids costs a forward per step: with nobody
+    waiting, the sequence on the highest seq_id moves into the gap (`BatchWorker._compact`). The
+    moved and the unmoved request still get the texts of fresh decoding, greedy and seeded.
+    Negative control: a move that copies one position too few changes the moved text."""
+    from hierspec.engine import generate
+
+    if corrupt:
+        real = ModelSequences.restore
+        monkeypatch.setattr(ModelSequences, "restore", lambda self, seq, st, n: real(self, seq, st, n - 1))
+    greedy = SamplingParams(temperature=0)
+    other = [2, 3, 2, 3, 5, 4]
+    for params in (greedy, T1):
+        w = worker_on(tiny, num_seqs=3)
+        w.split = True  # as on llama.cpp (ModelSequences has no split of its own)
+        sink = Collector(3)
+        try:  # seq_ids 0, 1, 2 in order; the short one on 1 leaves the gap
+            w.submit(GenRequest("long0", list(PROMPT), params, 40, seed=1), sink)
+            w.submit(GenRequest("short", [4, 4, 5], params, 2, seed=2), sink)
+            w.submit(GenRequest("long2", other, params, 40, seed=3), sink)
+            done = sink.wait()
+        finally:
+            w.shutdown()
+        refs = {
+            "long0": generate(tiny, PROMPT, params=params, max_new_tokens=40, seed=1).token_ids,
+            "long2": generate(tiny, other, params=params, max_new_tokens=40, seed=3).token_ids,
+        }
+        assert w.moves >= 1
+        texts = {k: done[k].token_ids for k in refs}
+        if corrupt:
+            assert texts["long2"] != refs["long2"]
+            return
+        assert texts == refs, params
+        assert sink.tokens["long2"] == refs["long2"]
+
+
+def test_sequence_acceptance_follows_the_sequence():
+    """A sequence whose drafts keep failing where the shared calibration expects them to pass
+    stops looking worth drafting after a few rejections; one that fares as predicted keeps the
+    shared estimate; old evidence decays."""
+    from hierspec.acceptance import AcceptanceModel, SequenceAcceptance
+
+    shared = AcceptanceModel()
+    for _ in range(50):  # the drafter is usually right at confidence 0.85
+        shared.update([0.85, 0.85], 2)
+    a = shared.estimate(0.85)
+    assert a > 0.9
+    stuck, fine = SequenceAcceptance(shared), SequenceAcceptance(shared)
+    assert stuck.estimate(0.85) == pytest.approx(a)
+    for _ in range(3):
+        stuck.update([0.85, 0.85, 0.85], 0)
+        fine.update([0.85, 0.85], 2)
+    assert stuck.estimate(0.85) < 0.5 < fine.estimate(0.85)
+    assert fine.estimate(0.85) == pytest.approx(a, rel=0.1)
+    for _ in range(40):  # it recovers: the bad streak decays under the cap
+        stuck.update([0.85, 0.85], 2)
+    assert stuck.estimate(0.85) > 0.8
+    assert stuck.expected == pytest.approx(stuck.cap)
+    with pytest.raises(ValueError, match="strength"):
+        SequenceAcceptance(shared, strength=0)
+
+
 def test_prefix_store_keeps_the_longest_within_budget():
     from hierspec.serve.prefix import PrefixStore
 
@@ -263,6 +326,22 @@ def test_unbatchable_method_is_refused(tiny):
 def test_streams_differ_by_seed():
     a, b = Streams(1), Streams(2)
     assert a.uniforms(5, 3).tolist() != b.uniforms(5, 3).tolist()
+
+
+def test_streams_are_keyed_by_position_however_they_are_read():
+    """Generators are seeded when first read after `at` (lazily): the draws of a step depend on
+    (seed, stream, position) only, whether or not earlier steps read them, and `at` the same
+    position again restarts them."""
+    a, b = Streams(7), Streams(7)
+    for pos in range(3, 9):
+        a.at(pos)
+        torch.rand(2, generator=a.draft)  # a reads every step, b only the last
+    b.at(8)
+    got_b = torch.rand(3, generator=b.verify).tolist()
+    assert torch.rand(3, generator=a.verify).tolist() == got_b
+    assert torch.rand(3, generator=a.at(8).verify).tolist() == got_b  # re-keyed: the same draws
+    assert torch.rand(3, generator=a.at(9).verify).tolist() != got_b
+    assert torch.rand(2, generator=Streams(7).at(8).draft).tolist() != got_b[:2]
 
 
 # ------------------------------------------------------------------------- llama.cpp

@@ -115,3 +115,28 @@ def test_split_cost_prefers_equal_lengths_or_none():
     assert allocate(weak, 4, steep, layout=layout) == [0, 0, 0, 0]
     others = Layout([0, 2], {1: 1})  # seq 1 decodes one row (fixed), 0 and 2 are allocated
     assert others.rows([2, 2]) == [3, 1, 3]
+
+
+def test_draft_guard_follows_the_measured_rates():
+    """Drafting is held back where its measured rate is below plain decoding's, at that number
+    of sequences only, with one step in ``explore`` running the other arm."""
+    from hierspec.serve.scheduler import DraftGuard
+
+    g = DraftGuard(explore=4, min_steps=2)
+    assert all(g.allow(3) for _ in range(3))  # nothing measured: draft
+    for _ in range(5):
+        g.observe(3, True, 4, 0.040)  # drafting: 100 tok/s
+        g.observe(3, False, 3, 0.020)  # plain: 150 tok/s
+        g.observe(1, True, 3, 0.020)  # one sequence: drafting pays
+        g.observe(1, False, 1, 0.010)
+    assert g.rate(3, True) == pytest.approx(100) and g.rate(3, False) == pytest.approx(150)
+    assert not g.prefers_draft(3) and g.prefers_draft(1)
+    allowed = [g.allow(3) for _ in range(40)]
+    assert sum(allowed) == 10  # only the explorations draft
+    assert sum(g.allow(1) for _ in range(40)) == 30  # drafting, a plain step in four
+    assert g.snapshot()["3"] == {"draft": pytest.approx(100), "plain": pytest.approx(150)}
+    for _ in range(30):  # the load changed: drafting now pays at 3 sequences too
+        g.observe(3, True, 12, 0.040)
+    assert g.prefers_draft(3)
+    with pytest.raises(ValueError, match="explore"):
+        DraftGuard(explore=1)

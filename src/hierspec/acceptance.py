@@ -78,3 +78,40 @@ class AcceptanceModel:
                 if self.n[b] > 0
             },
         }
+
+
+class SequenceAcceptance:
+    """One sequence's acceptance: the shared calibration `AcceptanceModel` scaled by how this
+    sequence fared against it. With E = sum of the shared estimates a(c_j) over the positions
+    observed in this sequence's drafts and A = those accepted (observed as in `AcceptanceModel`),
+
+        a_s(c) = min(1, a(c) r),    r = (w + A) / (w + E)      (w: pseudo-counts of "as predicted")
+
+    A and E decay together once E exceeds ``cap``, so recent drafts weigh most. A sequence whose
+    drafts keep failing where the shared model expects them to pass (a lookup drafter stuck on a
+    pattern its text no longer follows) stops drafting after a few rejections, while the others
+    keep the shared estimate. Read by the batch scheduler (`hierspec.serve.batch`); it depends on
+    the past only, so the lengths it chooses keep every rule exact."""
+
+    def __init__(self, shared: AcceptanceModel, strength: float = 2.0, cap: float = 16.0) -> None:
+        if strength <= 0 or cap <= 0:
+            raise ValueError(f"sequence acceptance: expected strength > 0, cap > 0; got {strength}, {cap}")
+        self.shared, self.w, self.cap = shared, strength, cap
+        self.accepted = 0.0  # A
+        self.expected = 0.0  # E
+
+    @property
+    def ratio(self) -> float:
+        return (self.w + self.accepted) / (self.w + self.expected)
+
+    def estimate(self, c: float) -> float:
+        return min(1.0, self.shared.estimate(c) * self.ratio)
+
+    def update(self, confidences: Sequence[float], accepted: int) -> None:
+        """Record one verified draft of this sequence (before the shared model learns from it)."""
+        for i, c in enumerate(confidences[: accepted + 1]):
+            self.expected += self.shared.estimate(c)
+            self.accepted += float(i < accepted)
+        if self.expected > self.cap:
+            scale = self.cap / self.expected
+            self.accepted, self.expected = self.accepted * scale, self.cap

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .drafters.base import Drafter, FeatureDrafter, StepObserver, TreeDrafter, TreeSpec
+from .drafters.base import Drafter, StepObserver, TreeDrafter, TreeSpec
 from .models.base import LanguageModel, PrefillModel, tree_support
 from .output import Output
 from .rng import Streams
@@ -180,7 +180,7 @@ def _run(
 ) -> GenerationResult:
     """`generate`'s loop, its arguments checked (see module docstring)."""
     target, drafter, stats = ctx.model, ctx.drafter, ctx.stats
-    wants_hidden = isinstance(drafter, FeatureDrafter)
+    wants_hidden = ctx.wants_hidden
     observer = drafter if isinstance(drafter, StepObserver) else None
     t0 = time.perf_counter()
     target.reset()
@@ -194,12 +194,18 @@ def _run(
             drafter.observe_target(0, out.hidden[0])
     stats.time_prefill = time.perf_counter() - t0
 
-    context = prompt
+    # the committed context lives in one buffer; each step reads a view of its first n tokens
+    # (those never change), so committing costs no concatenation
+    n = prompt.shape[1]
+    buf = torch.empty((1, n + budget_total), dtype=torch.long)
+    buf[:, :n] = prompt
+    host = buf.numpy()
+    context = buf[:, :n]
     t_start = time.perf_counter()
     while len(output.tokens) < budget_total:
         budget = budget_total - len(output.tokens)
         k_max = min(gamma, budget - 1)
-        spec = _fit_tree(tree, budget, target.max_length - context.shape[1])
+        spec = _fit_tree(tree, budget, target.max_length - n)
         if spec is not None:
             res = tree_step(ctx, context, spec)
         else:
@@ -207,7 +213,9 @@ def _run(
         if observer is not None:
             observer.observe_step(res.drafted, res.accepted, res.tokens)
         step = output.commit(res.tokens)  # EOS / stop-string cut, streaming (`hierspec.output`)
-        context = torch.cat([context, torch.tensor([step], dtype=torch.long)], 1)
+        host[0, n : n + len(step)] = step
+        n += len(step)
+        context = buf[:, :n]
         if output.done:
             break
     stats.time_decode = time.perf_counter() - t_start

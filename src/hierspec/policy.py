@@ -352,7 +352,7 @@ class AdaptiveDrafter:
         self.k_hist[k] = self.k_hist.get(k, 0) + 1
         last_tok = int(context[0, -1]) if last_tok is None else last_tok
         if k == 0:
-            out = _empty(context.device)
+            out = Draft.empty(1, context.device)
             self._last = _Last(context.shape[1], last_tok, [], [], False, cost_explored)
         else:
             out = draft.prefix(k)
@@ -404,14 +404,3 @@ class AdaptiveDrafter:
             "learned_step_s": self.curve.snapshot(),
             "tokens_per_s": rates,
         }
-
-
-_EMPTY: dict[torch.device, Draft] = {}
-
-
-def _empty(device: torch.device) -> Draft:
-    """A shared empty draft per device (never modified: the engine only reads drafts)."""
-    out = _EMPTY.get(device)
-    if out is None:
-        out = _EMPTY[device] = Draft.empty(1, device)
-    return out

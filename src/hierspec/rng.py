@@ -63,15 +63,34 @@ class Streams:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.seed = seed
         self.device = torch.device(device)
-        self.draft = torch.Generator(device=self.device)
-        self.verify = torch.Generator(device=self.device)
-        self.at(0)
+        self._draft = torch.Generator(device=self.device)
+        self._verify = torch.Generator(device=self.device)
+        self._position = 0
+        self._seeded = [-1, -1]  # the position the draft / verify generator was seeded for (-1: not yet)
 
     def at(self, position: int) -> Streams:
-        """Re-seed the draft and verification generators for a step starting at ``position``."""
-        self.draft.manual_seed(position_key(self.seed, DRAFT, position) >> 1)
-        self.verify.manual_seed(position_key(self.seed, VERIFY, position) >> 1)
+        """Re-seed the draft and verification generators for a step starting at ``position``
+        (lazily: a generator is seeded when it is first read, so a step that draws nothing,
+        e.g. plain greedy decoding, pays nothing)."""
+        self._position = position
+        self._seeded = [-1, -1]
         return self
+
+    @property
+    def draft(self) -> torch.Generator:
+        """The draft's generator, seeded from (seed, DRAFT, position of this step)."""
+        return self._keyed(0, self._draft, DRAFT)
+
+    @property
+    def verify(self) -> torch.Generator:
+        """The verifier's generator, seeded from (seed, VERIFY, position of this step)."""
+        return self._keyed(1, self._verify, VERIFY)
+
+    def _keyed(self, i: int, gen: torch.Generator, stream: int) -> torch.Generator:
+        if self._seeded[i] != self._position:
+            gen.manual_seed(position_key(self.seed, stream, self._position) >> 1)
+            self._seeded[i] = self._position
+        return gen
 
     def uniforms(self, position: int, n: int) -> torch.Tensor:
         """[1, n] float64 uniforms of rows ``position .. position + n - 1`` on the device."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,10 @@ class StepContext:
     stats: SpecStats | None = None
     validate: bool = False
     on_verify: Callable[[dict], None] | None = None
+    wants_hidden: bool = field(init=False)  # a `FeatureDrafter` (checked once: a Protocol check is slow)
+
+    def __post_init__(self) -> None:
+        self.wants_hidden = isinstance(self.drafter, FeatureDrafter)
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -82,6 +86,8 @@ def propose(ctx: StepContext, context: torch.Tensor, k_max: int) -> Draft:
 
 def step_input(context: torch.Tensor, draft: Draft, device: torch.device) -> torch.Tensor:
     """Phase 2's rows: [x_L, X_1..X_k] as a [1, k + 1] tensor on ``device``."""
+    if draft.num_tokens == 0:
+        return context[:, -1:].to(device)
     return torch.cat([context[:, -1:].to(device), draft.tokens.to(device)], 1)
 
 
@@ -154,7 +160,7 @@ def speculative_step(ctx: StepContext, context: torch.Tensor, k_max: int) -> Ste
     t = time.perf_counter()
     draft = propose(ctx, context, k_max)
     t1 = time.perf_counter()
-    wants_hidden = isinstance(drafter, FeatureDrafter)
+    wants_hidden = ctx.wants_hidden
     fwd = model.forward(step_input(context, draft, model.device), output_hidden=wants_hidden)
     t2 = time.perf_counter()
     tau, tokens, rows = verify_rows(ctx, context, draft, fwd.logits)
@@ -188,7 +194,7 @@ def tree_step(ctx: StepContext, context: torch.Tensor, spec: TreeSpec) -> StepRe
     tree = drafter.propose_tree(context, spec, params)
     t1 = time.perf_counter()
     start = context.shape[1] - 1
-    wants_hidden = isinstance(drafter, FeatureDrafter)
+    wants_hidden = ctx.wants_hidden
     fwd = model.forward_tree(tree.tokens[None].to(model.device), tree.parents, output_hidden=wants_hidden)
     t2 = time.perf_counter()
     if params.greedy:

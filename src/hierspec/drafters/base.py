@@ -22,6 +22,8 @@ import torch
 from ..models.base import ForwardOutput, LanguageModel
 from ..sampling import SamplingParams
 
+_EMPTY: dict[tuple[int, torch.device], Draft] = {}
+
 
 @dataclass
 class Draft:
@@ -42,7 +44,13 @@ class Draft:
 
     @staticmethod
     def empty(batch: int = 1, device: torch.device | str = "cpu") -> Draft:
-        return Draft(torch.zeros(batch, 0, dtype=torch.long, device=device), None)
+        """A draft of no tokens, shared per (batch, device): never modify it (nothing does:
+        drafts are read, and cut by `prefix` into new ones)."""
+        key = (batch, torch.device(device))
+        out = _EMPTY.get(key)
+        if out is None:
+            out = _EMPTY[key] = Draft(torch.zeros(batch, 0, dtype=torch.long, device=key[1]), None)
+        return out
 
     def prefix(self, k: int) -> Draft:
         """The first k positions (tokens, rows, confidences); itself if it has no more."""

@@ -47,13 +47,26 @@ class NgramDrafter:
         self._first: dict[tuple[int, ...], int] = {}
         self._latest: dict[tuple[int, ...], int] = {}
 
-    def _extend(self, ctx: list[int]) -> None:
-        n_old = len(self._tokens)
-        if ctx[:n_old] != self._tokens:
-            self.reset()
-            n_old = 0
-        self._tokens = ctx
+    def _extend(self, context: torch.Tensor) -> list[int]:
+        """Index the tokens committed since the last call; the context as a list. Only the new
+        tail is read from the tensor when the context extends the last one (checked at its
+        first and last known token: a draft is verified anyway, so a missed change costs speed,
+        never exactness); otherwise the index is rebuilt."""
+        n_old, total = len(self._tokens), context.shape[1]
+        if n_old and total >= n_old and int(context[0, 0]) == self._tokens[0]:
+            tail = context[0, n_old - 1 :].tolist()
+            if tail[0] == self._tokens[-1]:
+                self._tokens.extend(tail[1:])
+                self._index(n_old)
+                return self._tokens
+        self.reset()
+        self._tokens = context[0].tolist()
+        self._index(0)
+        return self._tokens
+
+    def _index(self, n_old: int) -> None:
         # An n-gram ending at position e gets indexed once position e + 1 exists.
+        ctx = self._tokens
         for e in range(max(n_old - 1, 0), len(ctx) - 1):
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if e - n + 1 < 0:
@@ -71,8 +84,7 @@ class NgramDrafter:
     ) -> Draft:
         del params, generator  # deterministic
         check_context(context)
-        ctx = context[0].tolist()
-        self._extend(ctx)
+        ctx = self._extend(context)
         if num_tokens > 0:
             for n in range(min(self.max_ngram, len(ctx)), self.min_ngram - 1, -1):
                 key = tuple(ctx[-n:])

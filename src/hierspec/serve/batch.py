@@ -50,24 +50,23 @@ from typing import Any
 
 import torch
 
+from ..acceptance import AcceptanceModel, SequenceAcceptance
 from ..curve import OnlineCostCurve
 from ..drafters.base import Draft
 from ..methods import ENTRIES, entry_of, lookup_drafter, parse_method
 from ..models.llamacpp_batch import SequenceBatch
 from ..models.sequences import Part, Sequences
 from ..output import Output
-from ..policy import AcceptanceModel
 from ..rng import Streams
 from ..stats import SpecStats
 from ..step import StepContext, propose, verify_rows
 from ..verify import get_rule
-from .prefix import PrefixStore, common_prefix
-from .scheduler import Layout, allocate, gains_from, ubatch_rows
+from .prefix import PrefixStore
+from .scheduler import DraftGuard, Layout, allocate, gains_from, ubatch_rows
+from .slots import MIN_CACHED, Slots
 from .worker import DoneEvent, GenRequest, QueueFull, Sink, TokenEvent
 
 BATCH_METHODS = tuple(kind for kind, e in ENTRIES.items() if e.batched)
-#: fewer positions than this are not worth a copy to the host, nor a copy back
-MIN_CACHED = 16
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
@@ -85,8 +84,10 @@ class _Seq:
     t_submit: float
     prefilled: int = 0  # prompt tokens (of prompt[:-1]) in the cache
     context: torch.Tensor = field(default_factory=lambda: torch.zeros(1, 0, dtype=torch.long))
+    buf: torch.Tensor | None = None  # holds the context: prompt, then room for the budget
     draft: Draft | None = None
     conf: list[float] = field(default_factory=list)
+    local: SequenceAcceptance | None = None  # this sequence's acceptance (auto-gamma drafting)
     t_first: float | None = None
     t_start: float | None = None
 
@@ -95,7 +96,7 @@ class _Seq:
         return self.prefilled >= len(self.req.prompt_ids) - 1
 
 
-class BatchWorker:
+class BatchWorker(Slots):
     """Continuous batching over ``seqs`` (`hierspec.models.sequences.Sequences`: a llama.cpp
     context with several sequences, `SequenceBatch`; see module docstring) and the cost prior
     c(R) of its forwards (`from_llamacpp` measures it). ``method`` / ``gamma`` / ``rule``:
@@ -154,6 +155,8 @@ class BatchWorker:
         self.rows_hist: collections.Counter[int] = collections.Counter()
         self.draft_rows = 0  # drafted rows the scheduler kept, all steps
         self.decode_rows = 0  # rows of decoding sequences (1 + k_i each), all steps
+        self.guard = DraftGuard()  # drafting held back where it measures slower than not
+        self.moves = 0  # sequences moved to close a gap in seq_ids (`_compact`)
 
     @classmethod
     def from_llamacpp(cls, model: Any, tokenizer: Any, **kw: Any) -> BatchWorker:
@@ -216,6 +219,8 @@ class BatchWorker:
             "forwards": self.forwards,
             "draft_rows": self.draft_rows,
             "decode_rows": self.decode_rows,
+            "moves": self.moves,
+            "draft_guard_tok_s": self.guard.snapshot(),
             "cost_curve_ms": {r: round(1e3 * self.costs(r), 2) for r in CURVE_SIZES},
             "prefix_cache": {
                 "on": self.prefix_cache,
@@ -238,6 +243,7 @@ class BatchWorker:
                 cancelled, self._cancel = self._cancel, set()
                 late = self._deadline is not None and time.perf_counter() > self._deadline
                 self._admit(cancelled)
+                self._compact()
             for s in [s for s in self._active if s.req.request_id in cancelled or late]:
                 self._finish(s, "cancelled")
             if self._active:
@@ -263,30 +269,6 @@ class BatchWorker:
                 kept.append((req, sink, t))
         self._queue = kept
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[int, int, Any]:
-        """(free seq_id, positions to keep, cells to copy in or None). The cells: those of the
-        free seq_id sharing the longest prefix with ``prompt[:-1]`` (the last prompt token is the
-        first decoded row), or a host copy sharing a longer one. Under llama.cpp's split the
-        lowest free seq_id is taken (consecutive seq_ids run as one forward) and the cells are
-        copied there; otherwise the seq_id that holds them."""
-        low = min(self._free)
-        if not self.prefix_cache:
-            return low, 0, None
-        best, keep = low, 0
-        for slot in self._free:
-            n = common_prefix(self._cached.get(slot, ()), prompt[:-1])
-            if n > keep:
-                best, keep = slot, n
-        if self.store is not None:
-            _, state, n = self.store.best(prompt[:-1])
-            if n >= keep + MIN_CACHED:
-                return low, n, state
-        if best == low or not self.split:
-            return best, keep, None
-        if keep >= MIN_CACHED and hasattr(self.batch, "save"):
-            return low, keep, self.batch.save(best)[0]
-        return low, 0, None
-
     def _new_seq(
         self, req: GenRequest, sink: Sink, t: float, slot: int, reuse: int = 0, state: Any = None
     ) -> _Seq:
@@ -304,7 +286,12 @@ class BatchWorker:
         budget = min(req.max_tokens, self.batch.max_length - len(req.prompt_ids))
         gamma = self.gamma if req.gamma is None else req.gamma
         s = _Seq(req, sink, slot, ctx, out, budget, gamma, t, prefilled=reuse)
-        s.context = torch.tensor([req.prompt_ids], dtype=torch.long)
+        if drafter is not None and not gamma:
+            s.local = SequenceAcceptance(self._acceptance(s))
+        # the committed tokens live in one buffer (prompt + budget); the context is a view of it
+        s.buf = torch.empty((1, len(req.prompt_ids) + budget), dtype=torch.long)
+        s.buf[0, : len(req.prompt_ids)] = torch.tensor(req.prompt_ids, dtype=torch.long)
+        s.context = s.buf[:, : len(req.prompt_ids)]
         held = self._cached.pop(slot, [])
         if self.store is not None and len(held) >= (0 if state is not None else reuse) + MIN_CACHED:
             self.store.put(held, *self.batch.save(slot))  # its cells are about to be overwritten
@@ -348,10 +335,15 @@ class BatchWorker:
         decoding = [s for s in by_slot if s.decoding]
         prefilling = [s for s in by_slot if not s.decoding]
         t0 = time.perf_counter()
+        auto = any(s.local is not None for s in decoding)  # someone the scheduler drafts for
+        draft = auto and self.guard.allow(len(decoding))
         for s in decoding:
             if s.t_start is None:
                 s.t_start = t0
-            self._propose(s)
+            if draft or s.local is None:
+                self._propose(s)
+            else:  # held back (`DraftGuard`): not even asked
+                s.draft, s.conf = Draft.empty(1, self.batch.device), []
         t1 = time.perf_counter()
         ks = self._lengths(decoding, prefill_rows=0)
         parts: list[Part] = []
@@ -386,12 +378,16 @@ class BatchWorker:
             s.prefilled += n
             s.ctx.stats.time_prefill += dt
         done: list[tuple[_Seq, str]] = []
+        before = sum(len(s.output.tokens) for s in decoding)
         for s, lg in zip(decoding, logits, strict=False):
             s.ctx.stats.time_target_forward += dt
             s.ctx.stats.time_draft += (t1 - t0) / max(len(decoding), 1)
             reason = self._verify_commit(s, lg)
             if reason is not None:
                 done.append((s, reason))
+        if auto and not fills:
+            committed = sum(len(s.output.tokens) for s in decoding) - before
+            self.guard.observe(len(decoding), draft, committed, time.perf_counter() - t0)
         for s, reason in done:
             self._finish(s, reason)
 
@@ -441,8 +437,7 @@ class BatchWorker:
         if not auto:
             return ks
         base = prefill_rows + len(decoding) + sum(ks)
-        gains = [gains_from([self._acceptance(decoding[i]).estimate(c) for c in decoding[i].conf])
-                 for i in auto]  # fmt: skip
+        gains = [gains_from([decoding[i].local.estimate(c) for c in decoding[i].conf]) for i in auto]
         layout = None
         if self.split:
             chosen = set(auto)
@@ -466,14 +461,16 @@ class BatchWorker:
         tau, tokens, _ = verify_rows(s.ctx, s.context, draft, logits[None])
         L = s.context.shape[1]
         self.batch.truncate(s.slot, L + tau)
-        if draft.num_tokens and s.ctx.drafter is not None and not s.fixed_gamma:
-            self._acceptance(s).update(s.conf[: draft.num_tokens], tau)
+        if draft.num_tokens and s.local is not None:
+            s.local.update(s.conf[: draft.num_tokens], tau)  # first: it reads the shared estimates
+            s.local.shared.update(s.conf[: draft.num_tokens], tau)
         room = s.budget - len(s.output.tokens)
         step = s.output.commit(tokens[:room])
         if step:
             if s.t_first is None:
                 s.t_first = time.perf_counter()
-            s.context = torch.cat([s.context, torch.tensor([step], dtype=torch.long)], 1)
+            s.buf.numpy()[0, L : L + len(step)] = step
+            s.context = s.buf[:, : L + len(step)]
             s.sink(TokenEvent(s.req.request_id, step))
         if s.output.done:
             return s.output.finish

@@ -142,3 +142,64 @@ def gains_from(acceptance: Sequence[float]) -> list[float]:
         run *= min(max(a, 0.0), 1.0)
         out.append(run)
     return out
+
+
+class DraftGuard:
+    """Whether letting the scheduler draft pays at the current load, measured rather than
+    predicted. The allocation above trusts its acceptance estimates and its cost curve; where
+    either is off (a drafter whose confidences flatter it, forwards the curve prices wrong), a
+    batch can commit fewer tokens per second drafting than not. So, per number n of decoding
+    sequences, two arms are timed: steps where the scheduler may draft ("draft") and steps where
+    nobody auto-drafts, nor asks a drafter ("plain"); each keeps exponential averages of tokens
+    committed and step seconds (weight ``alpha``), and its rate is their ratio. Drafting is held
+    back while its rate is below plain's once both have ``min_steps`` steps; either way every
+    ``explore``-th step runs the other arm, so both stay measured and the choice follows the
+    load (at most 1 / ``explore`` of the steps run the worse arm). Steps that also prefill a
+    prompt are not timed (their seconds are mostly the prompt's). The choice depends on past
+    timings only, never on this step's target rows: every rule stays exact (`hierspec.policy`)."""
+
+    def __init__(self, explore: int = 8, alpha: float = 0.1, min_steps: int = 4) -> None:
+        if explore < 2 or not 0 < alpha <= 1 or min_steps < 1:
+            raise ValueError(f"draft guard: expected explore >= 2, 0 < alpha <= 1, min_steps >= 1; "
+                             f"got {explore}, {alpha}, {min_steps}")  # fmt: skip
+        self.explore, self.alpha, self.min_steps = explore, alpha, min_steps
+        self._arms: dict[tuple[int, bool], list[float]] = {}  # (n, draft) -> [tokens, seconds, steps]
+        self._count: dict[int, int] = {}
+
+    def rate(self, n: int, draft: bool) -> float | None:
+        """Measured tokens per second of an arm at n sequences (None: fewer than min_steps)."""
+        arm = self._arms.get((n, draft))
+        if arm is None or arm[2] < self.min_steps:
+            return None
+        return arm[0] / arm[1]
+
+    def prefers_draft(self, n: int) -> bool:
+        """The better arm at n sequences as measured so far (drafting until both are known)."""
+        d, p = self.rate(n, True), self.rate(n, False)
+        return d is None or p is None or d >= p
+
+    def allow(self, n: int) -> bool:
+        """May the scheduler draft at this step with n decoding sequences?"""
+        i = self._count.get(n, 0)
+        self._count[n] = i + 1
+        best = self.prefers_draft(n)
+        return (not best) if i % self.explore == self.explore - 1 else best
+
+    def observe(self, n: int, draft: bool, tokens: int, seconds: float) -> None:
+        """One timed step of arm ``draft`` at n sequences committed ``tokens`` in ``seconds``."""
+        if seconds <= 0:
+            return
+        arm = self._arms.get((n, draft))
+        if arm is None:
+            self._arms[(n, draft)] = [float(tokens), seconds, 1.0]
+            return
+        a = self.alpha
+        arm[0] += a * (tokens - arm[0])
+        arm[1] += a * (seconds - arm[1])
+        arm[2] += 1.0
+
+    def snapshot(self) -> dict[str, dict[str, float | None]]:
+        return {
+            str(n): {"draft": self.rate(n, True), "plain": self.rate(n, False)}
+            for n in sorted({n for n, _ in self._arms})
+        }
