@@ -63,7 +63,7 @@ from ..step import StepContext, propose, verify_rows
 from ..verify import get_rule
 from .prefix import PrefixStore
 from .scheduler import DraftGuard, Layout, allocate, gains_from, ubatch_rows
-from .slots import MIN_CACHED, Slots
+from .slots import Slots
 from .worker import DoneEvent, GenRequest, QueueFull, Sink, TokenEvent
 
 BATCH_METHODS = tuple(kind for kind, e in ENTRIES.items() if e.batched)
@@ -292,9 +292,7 @@ class BatchWorker(Slots):
         s.buf = torch.empty((1, len(req.prompt_ids) + budget), dtype=torch.long)
         s.buf[0, : len(req.prompt_ids)] = torch.tensor(req.prompt_ids, dtype=torch.long)
         s.context = s.buf[:, : len(req.prompt_ids)]
-        held = self._cached.pop(slot, [])
-        if self.store is not None and len(held) >= (0 if state is not None else reuse) + MIN_CACHED:
-            self.store.put(held, *self.batch.save(slot))  # its cells are about to be overwritten
+        self._spill(slot, 0 if state is not None else reuse)
         if state is not None:
             self.batch.restore(slot, state, reuse)
         elif reuse:
@@ -378,7 +376,7 @@ class BatchWorker(Slots):
             s.prefilled += n
             s.ctx.stats.time_prefill += dt
         done: list[tuple[_Seq, str]] = []
-        before = sum(len(s.output.tokens) for s in decoding)
+        before = sum(len(s.output.tokens) for s in decoding) if auto else 0
         for s, lg in zip(decoding, logits, strict=False):
             s.ctx.stats.time_target_forward += dt
             s.ctx.stats.time_draft += (t1 - t0) / max(len(decoding), 1)

@@ -32,9 +32,7 @@ class Slots:
         if not top.decoding:
             return
         gap = min(f for f in self._free if slots[0] < f < slots[-1])
-        held = self._cached.pop(gap, [])
-        if self.store is not None and len(held) >= MIN_CACHED:
-            self.store.put(held, *self.batch.save(gap))  # its cells are about to be overwritten
+        self._spill(gap)
         old, n = top.slot, self.batch.length(top.slot)
         try:
             self.batch.restore(gap, self.batch.save(old)[0], n)
@@ -46,6 +44,13 @@ class Slots:
         self._cached[old] = self._held(top)
         top.slot = gap
         self.moves += 1
+
+    def _spill(self, slot: int, kept: int = 0) -> None:
+        """``slot``'s cells are about to be overwritten: forget what it cached, copying it to the
+        host store first when it holds at least `MIN_CACHED` positions beyond the ``kept`` ones."""
+        held = self._cached.pop(slot, [])
+        if self.store is not None and len(held) >= kept + MIN_CACHED:
+            self.store.put(held, *self.batch.save(slot))
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int, Any]:
         """(free seq_id, positions to keep, cells to copy in or None). The cells: those of the
